@@ -1,0 +1,145 @@
+"""GPT-2 exactly: logits against transformers both ways, KV-cache generation, and the pieces
+distillation relies on (all-position logits, padded vocab, gradient checkpointing)."""
+import pytest
+import torch
+
+from model import GPT, GPTConfig, export_hf
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_model(tmp_path, n_layer=3, n_embd=96, n_head=3, vocab=50257, n_positions=128, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab,
+                                  n_positions=n_positions, attn_implementation="sdpa")
+    m = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # HF inits biases and LayerNorms to 0/1: randomise them so they are checked
+        for name, p in m.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    folder = tmp_path / "hf"
+    m.save_pretrained(folder)
+    return m, folder
+
+
+def tokens(B=2, T=37, V=50257, seed=1):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_import_matches_transformers(tmp_path):
+    hf, folder = hf_model(tmp_path)
+    ours = GPT.from_pretrained(str(folder)).eval()
+    idx = tokens()
+    with torch.no_grad():
+        ref = hf(idx).logits
+        got, _ = ours(idx)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_export_round_trip(tmp_path):
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(n_layer=2, n_head=3, n_embd=48, block_size=64, vocab_size=50257)).eval()
+    assert ours.config.padded_vocab_size == 50304
+    export_hf(ours, tmp_path / "exp")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "exp").eval()
+    idx = tokens(T=20)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0][..., :50257], atol=1e-4, rtol=0)
+    back = GPT.from_pretrained(str(tmp_path / "exp")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx)[0], ours(idx)[0][..., :50257], atol=1e-5, rtol=0)
+
+
+def test_export_without_bias(tmp_path):
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=100, bias=False)).eval()
+    export_hf(ours, tmp_path / "nb")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "nb").eval()
+    idx = tokens(T=10, V=100)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0][..., :100], atol=1e-4, rtol=0)
+
+
+def test_greedy_cache_equals_recompute_and_transformers(tmp_path):
+    hf, folder = hf_model(tmp_path, n_positions=128)
+    ours = GPT.from_pretrained(str(folder)).eval()
+    prompt = tokens(B=1, T=9, seed=3)
+    cached = ours.generate(prompt, 64, temperature=0)
+    full = ours.generate(prompt, 64, temperature=0, use_cache=False)
+    ref = hf.generate(prompt, max_new_tokens=64, do_sample=False, min_new_tokens=64,
+                      attention_mask=torch.ones_like(prompt), pad_token_id=0)
+    assert cached.tolist() == full.tolist()
+    assert cached.tolist() == ref.tolist()
+
+
+def test_generation_beyond_block_size_slides_window():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50)).eval()
+    prompt = torch.randint(0, 50, (2, 5))
+    a = m.generate(prompt, 30, temperature=0)
+    b = m.generate(prompt, 30, temperature=0, use_cache=False)
+    assert a.shape == (2, 35) and a.tolist() == b.tolist()
+
+
+def test_sampling_respects_real_vocab_and_stop_token():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=10)).eval()
+    assert m.config.padded_vocab_size == 64
+    with torch.no_grad():  # make the padding columns irresistible: they must still never be drawn
+        m.lm_head.weight[10:] = 10.0
+    out = m.generate(torch.zeros(8, 1, dtype=torch.long), 40, temperature=1.0, top_k=50, top_p=0.99,
+                     generator=torch.Generator().manual_seed(0))
+    assert out.max() < 10
+    out = m.generate(torch.zeros(4, 1, dtype=torch.long), 40, temperature=2.0, stop_token=3,
+                     generator=torch.Generator().manual_seed(1))
+    for row in out[:, 1:].tolist():
+        if 3 in row:
+            assert all(t == 3 for t in row[row.index(3):])
+
+
+def test_logits_every_position_and_loss_ignores_padding():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=10))
+    idx = torch.randint(0, 10, (3, 12))
+    logits, loss = m(idx, idx)
+    assert logits.shape == (3, 12, 64)
+    ref = torch.nn.functional.cross_entropy(logits[..., :10].reshape(-1, 10), idx.reshape(-1))
+    torch.testing.assert_close(loss, ref)
+
+
+def test_init_and_tying():
+    m = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=64, vocab_size=1000))
+    assert m.lm_head.weight is m.transformer.wte.weight
+    std = m.transformer.h[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / (2 * 4) ** 0.5) < 0.002
+    assert abs(m.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.002
+
+
+def test_gradient_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=32, vocab_size=50))
+    idx = torch.randint(0, 50, (2, 16))
+    grads = []
+    for ckpt in (False, True):
+        m.zero_grad()
+        m.gradient_checkpointing = ckpt
+        m(idx, idx)[1].backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_compile_matches_eager():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50)).eval()
+    idx = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(m)(idx)[0], m(idx)[0], atol=1e-5, rtol=0)
+
+
+def test_hf_folder_without_weights(tmp_path):
+    _, folder = hf_model(tmp_path, n_layer=1, n_embd=24, n_head=2, vocab=100)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(Exception, match="holds no weights"):
+        GPT.from_pretrained(str(folder))
