@@ -1,0 +1,114 @@
+"""Checkpoints that survive kills, and loading any model source: our checkpoint, HF folder, GPT-2 name.
+
+out_dir/ckpt_<step>.pt are the step checkpoints (the newest keep_last kept); ckpt.pt and best.pt
+are hard links to one of them, so pointing at the latest costs no disk. Every file is written under
+a temporary name, fsynced and renamed: a kill at any moment leaves the previous checkpoint whole.
+Contents are plain types and tensors, so loading uses torch.load(weights_only=True) and a planted
+pickle payload is refused rather than run.
+"""
+import glob
+import os
+import pickle
+import re
+import zipfile
+
+import torch
+
+from configurator import UserError
+from model import GPT, GPTConfig
+
+LATEST, BEST = "ckpt.pt", "best.pt"
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link(src, dst):
+    tmp = dst + ".tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    os.link(src, tmp)
+    os.replace(tmp, dst)
+
+
+def save(state, out_dir, step, keep_last=2, best=False):
+    """Write step `step`, point ckpt.pt (and best.pt) at it, then prune old steps."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _link(path, os.path.join(out_dir, LATEST))
+    if best:
+        _link(path, os.path.join(out_dir, BEST))
+    _fsync_dir(out_dir)
+    # only now, with the new checkpoint safely on disk, may old ones go
+    steps = sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
+    for old in steps[:-max(keep_last, 1)]:
+        os.remove(old)  # best.pt keeps its own link to the data
+    return path
+
+
+def find(path):
+    """A checkpoint file from a file or an out_dir."""
+    if os.path.isdir(path):
+        path = os.path.join(path, LATEST)
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    return path
+
+
+def load(path, map_location="cpu"):
+    path = find(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise UserError(f"{path} holds objects other than tensors and plain values; refused to "
+                        f"load it ({first[:160]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"{path} is truncated or corrupt and cannot be loaded "
+                        f"({type(e).__name__}); use an earlier ckpt_*.pt from the same folder") from None
+
+
+def step_of(path):
+    m = re.search(r"ckpt_(\d+)\.pt$", os.path.realpath(path))
+    return int(m.group(1)) if m else None
+
+
+def is_checkpoint(source):
+    return os.path.isfile(source) or os.path.isfile(os.path.join(source, LATEST))
+
+
+def is_hf_folder(source):
+    return os.path.isdir(source) and os.path.isfile(os.path.join(source, "config.json"))
+
+
+GPT2_TOKENIZER = {"tokenizer": "gpt2", "vocab_size": 50257}
+
+
+def load_model(source, device="cpu", dropout=None):
+    """(model, tokenizer info, checkpoint dict or None) from our checkpoint (file or out_dir), a
+    HF GPT-2 folder, or a GPT-2 name."""
+    if is_checkpoint(source):
+        ckpt = load(source)
+        config = GPTConfig.from_dict(ckpt["model_args"])
+        if dropout is not None:
+            config.dropout = dropout
+        model = GPT(config)
+        model.load_state_dict(ckpt["model"])
+        return model.to(device), ckpt.get("tokenizer", GPT2_TOKENIZER), ckpt
+    if os.path.isdir(source) and not is_hf_folder(source):
+        raise UserError(f"{source} holds neither {LATEST} nor a HF config.json")
+    if not os.path.exists(source) and ("/" in source or source.endswith(".pt")):
+        raise UserError(f"checkpoint not found: {source}")
+    model = GPT.from_pretrained(source, dropout=dropout or 0.0)
+    return model.to(device), dict(GPT2_TOKENIZER, vocab_size=model.config.vocab_size), None

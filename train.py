@@ -1,0 +1,37 @@
+"""Pretrain from scratch, fine-tune GPT-2 or a checkpoint, or resume: the shared loop with plain CE.
+
+    python train.py config/shakespeare_char.py
+    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_large.py
+    python train.py config/shakespeare_char.py init_from=resume
+"""
+import torch.nn.functional as F
+
+from configurator import run
+from data import BinDataset
+from trainer import DEFAULTS, Runtime, init_model, train
+
+
+def ce_loss(cfg, vocab_size):
+    smoothing = cfg["label_smoothing"]
+
+    def loss_fn(model, x, y):
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits[..., :vocab_size].reshape(-1, vocab_size), y.reshape(-1),
+                               ignore_index=-1, label_smoothing=smoothing)
+        return loss, {}
+    return loss_fn
+
+
+def main(cfg):
+    rt = Runtime(cfg)
+    try:
+        data = BinDataset(cfg["dataset"])
+        model, resume = init_model(cfg, data, rt)
+        train(cfg, model, data, ce_loss(cfg, model.config.vocab_size), rt, resume,
+              extra_state=dict(tokenizer=data.tokenizer))
+    finally:
+        rt.close()
+
+
+if __name__ == "__main__":
+    run(main, DEFAULTS)
