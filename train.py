@@ -4,21 +4,15 @@
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_large.py
     python train.py config/shakespeare_char.py init_from=resume
 """
-import torch.nn.functional as F
-
 from configurator import run
 from data import BinDataset
+from losses import hard_loss
 from trainer import DEFAULTS, Runtime, init_model, train
 
 
 def ce_loss(cfg, vocab_size):
-    smoothing = cfg["label_smoothing"]
-
     def loss_fn(model, x, y):
-        logits, _ = model(x)
-        loss = F.cross_entropy(logits[..., :vocab_size].reshape(-1, vocab_size), y.reshape(-1),
-                               ignore_index=-1, label_smoothing=smoothing)
-        return loss, {}
+        return hard_loss(model(x)[0], y, vocab_size, cfg["label_smoothing"]), {}
     return loss_fn
 
 

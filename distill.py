@@ -1,0 +1,155 @@
+"""Knowledge distillation: the training loop of train.py with a frozen teacher and a soft loss.
+
+    python distill.py config/distill_shakespeare_char.py teacher=out/shakespeare_teacher
+    torchrun --standalone --nproc_per_node=8 distill.py config/distill_gpt2_large_to_small.py
+
+distill_type: output = plain CE on teacher-written data (no teacher at train time);
+              logit  = soft loss only;  hybrid = alpha * CE + (1 - alpha) * soft.
+"""
+import torch
+
+import checkpoint
+from configurator import UserError, run
+from data import BinDataset
+from losses import cosine_loss, hard_loss, soft_loss
+from trainer import DEFAULTS as TRAIN_DEFAULTS
+from trainer import Runtime, init_model, train
+
+DEFAULTS = dict(
+    TRAIN_DEFAULTS,
+    teacher="",  # our out_dir / ckpt.pt, a HF GPT-2 folder, or a GPT-2 name
+    distill_type="hybrid", alpha=0.5,  # alpha weighs the hard (CE) loss
+    temperature=2.0, kd_loss="forward_kl", jsd_beta=0.5,
+    alpha_cos=0.0,  # DistilGPT2's cosine loss on last hidden states (needs equal widths)
+    kd_chunk_rows=4096,  # soft loss over B*T rows in chunks of this many: bounds fp32 (rows, V) memory
+    student_init="",  # "teacher_layers": copy embeddings, ln_f and teacher_layers' blocks
+    teacher_layers="",  # e.g. "0,2,4,7,9,11"; default evenly spaced, first and last kept
+)
+
+MODES = ("output", "logit", "hybrid")
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def load_teacher(cfg, data, rt):
+    if not cfg["teacher"]:
+        raise UserError(f"distill_type={cfg['distill_type']} needs teacher=<out_dir | HF folder | gpt2 name>")
+    teacher, tok, _ = checkpoint.load_model(cfg["teacher"], rt.device)
+    mine = data.tokenizer
+    if tok.get("tokenizer") != mine.get("tokenizer") or tok.get("vocab_size") != mine.get("vocab_size") \
+            or tok.get("chars") != mine.get("chars"):
+        raise UserError(f"teacher {cfg['teacher']} uses tokenizer {tok.get('tokenizer')} (vocab "
+                        f"{tok.get('vocab_size')}) but {cfg['dataset']} was prepared with "
+                        f"{mine.get('tokenizer')} (vocab {mine.get('vocab_size')}): teacher and "
+                        f"student must share one tokenizer")
+    if cfg["block_size"] > teacher.config.block_size:
+        raise UserError(f"block_size={cfg['block_size']} exceeds the teacher's context "
+                        f"{teacher.config.block_size}")
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def default_layers(n_teacher, n_student):
+    """Evenly spaced, first and last kept: 12 -> 6 gives 0,2,4,7,9,11 as DistilGPT2 took (Sanh et al. 2019)."""
+    if n_student == 1:
+        return [n_teacher - 1]
+    return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
+
+
+@torch.no_grad()
+def init_from_teacher_layers(student, teacher, layers_spec):
+    s, t = student.config, teacher.config
+    if (s.n_embd, s.n_head) != (t.n_embd, t.n_head):
+        raise UserError(f"student_init=teacher_layers needs the teacher's width: student n_embd={s.n_embd} "
+                        f"n_head={s.n_head}, teacher n_embd={t.n_embd} n_head={t.n_head}")
+    if s.bias != t.bias:
+        raise UserError(f"student bias={s.bias} but teacher bias={t.bias}: set bias={t.bias}")
+    layers = [int(i) for i in str(layers_spec).split(",")] if layers_spec else default_layers(t.n_layer, s.n_layer)
+    if len(layers) != s.n_layer or not all(0 <= i < t.n_layer for i in layers):
+        raise UserError(f"teacher_layers={layers} must name n_layer={s.n_layer} blocks of the "
+                        f"teacher's {t.n_layer}")
+    V = s.vocab_size
+    student.transformer.wte.weight[:V] = teacher.transformer.wte.weight[:V]
+    student.transformer.wpe.weight.copy_(teacher.transformer.wpe.weight[:s.block_size])
+    student.transformer.ln_f.load_state_dict(teacher.transformer.ln_f.state_dict())
+    for i, j in enumerate(layers):
+        student.transformer.h[i].load_state_dict(teacher.transformer.h[j].state_dict())
+    return layers
+
+
+def kd_loss_fn(cfg, teacher, vocab_size):
+    mode, alpha, T = cfg["distill_type"], cfg["alpha"], cfg["temperature"]
+    use_cos = cfg["alpha_cos"] > 0
+
+    def ce(logits, y):
+        return hard_loss(logits, y, vocab_size, cfg["label_smoothing"])
+
+    def loss_fn(model, x, y):
+        if mode == "output":
+            hard = ce(model(x)[0], y)
+            return hard, dict(hard=hard.detach())
+        logits, _, h = model(x, return_hidden=True)
+        with torch.no_grad():
+            t_logits, _, t_h = teacher(x, return_hidden=True)
+        mask = y >= 0  # the soft loss counts exactly the targets the hard loss counts
+        soft = soft_loss(logits, t_logits, kind=cfg["kd_loss"], temperature=T, jsd_beta=cfg["jsd_beta"],
+                         mask=mask, vocab_size=vocab_size, chunk_size=cfg["kd_chunk_rows"])
+        if mode == "hybrid":
+            hard = ce(logits, y)
+            loss = alpha * hard + (1 - alpha) * soft
+        else:
+            with torch.no_grad():
+                hard = ce(logits, y)
+            loss = soft
+        parts = dict(hard=hard.detach(), soft=soft.detach())
+        if use_cos:
+            cos = cosine_loss(h, t_h, mask)
+            loss = loss + cfg["alpha_cos"] * cos
+            parts["cos"] = cos.detach()
+        return loss, parts
+    return loss_fn
+
+
+def check(cfg):
+    if cfg["distill_type"] not in MODES:
+        raise UserError(f"distill_type={cfg['distill_type']!r}: use one of {', '.join(MODES)}")
+    if cfg["kd_loss"] not in KD_LOSSES:
+        raise UserError(f"kd_loss={cfg['kd_loss']!r}: use one of {', '.join(KD_LOSSES)}")
+    if not 0.0 <= cfg["alpha"] <= 1.0:
+        raise UserError(f"alpha={cfg['alpha']} must be in [0, 1] (the weight of the hard CE loss)")
+    if cfg["temperature"] <= 0:
+        raise UserError(f"temperature={cfg['temperature']} must be > 0")
+    if not 0.0 < cfg["jsd_beta"] < 1.0:
+        raise UserError(f"jsd_beta={cfg['jsd_beta']} must be strictly between 0 and 1")
+    if cfg["student_init"] not in ("", "teacher_layers"):
+        raise UserError(f"student_init={cfg['student_init']!r}: leave empty (init_from decides) or "
+                        f"use teacher_layers")
+
+
+def main(cfg):
+    check(cfg)
+    rt = Runtime(cfg)
+    try:
+        data = BinDataset(cfg["dataset"])
+        teacher = None if cfg["distill_type"] == "output" else load_teacher(cfg, data, rt)
+        student, resume = init_model(cfg, data, rt)
+        if cfg["student_init"] == "teacher_layers" and resume is None:
+            if teacher is None:
+                teacher = load_teacher(cfg, data, rt)
+            layers = init_from_teacher_layers(student, teacher, cfg["teacher_layers"])
+            if rt.master:
+                print(f"student initialised from teacher blocks {layers}")
+        if cfg["alpha_cos"] > 0 and teacher is not None and teacher.config.n_embd != student.config.n_embd:
+            raise UserError(f"alpha_cos needs equal widths: student n_embd={student.config.n_embd}, "
+                            f"teacher {teacher.config.n_embd}; set alpha_cos=0")
+        if teacher is not None and cfg["compile"]:
+            teacher = torch.compile(teacher)
+        if cfg["distill_type"] == "output":
+            teacher = None  # output distillation learns from the text alone
+        train(cfg, student, data, kd_loss_fn(cfg, teacher, student.config.vocab_size), rt, resume,
+              extra_state=dict(tokenizer=data.tokenizer, teacher=cfg["teacher"]))
+    finally:
+        rt.close()
+
+
+if __name__ == "__main__":
+    run(main, DEFAULTS)
