@@ -1,0 +1,83 @@
+"""GPT-2 weights in and out: a HF folder or name becomes our checkpoint, our checkpoint a HF folder.
+
+    python convert.py to=ours source=gpt2-large out_dir=out/gpt2-large   # then init_from=out/gpt2-large
+    python convert.py to=ours source=path/to/hf_folder out_dir=out/mine
+    python convert.py to=hf source=out/student out=hf/student          # transformers can load it
+"""
+import glob
+import math
+import os
+
+import torch
+
+import checkpoint
+from configurator import UserError, run
+from model import GPT, GPTConfig, export_hf
+
+DEFAULTS = dict(to="", source="", out_dir="", out="", overwrite=False)
+
+
+def to_ours(cfg):
+    out_dir = cfg["out_dir"]
+    if not out_dir:
+        raise UserError("to=ours writes a checkpoint folder: give out_dir=FOLDER")
+    if checkpoint.is_checkpoint(out_dir) and not cfg["overwrite"]:
+        raise UserError(f"{out_dir} already holds a checkpoint; choose another out_dir or pass "
+                        f"overwrite=True")
+    if checkpoint.is_checkpoint(cfg["source"]):
+        raise UserError(f"{cfg['source']} is already our checkpoint; to=ours reads a HF folder or "
+                        f"a GPT-2 name")
+    hf, tokenizer, _ = checkpoint.load_model(cfg["source"])
+    # HF keeps the vocab at 50257; padding the embedding to a multiple of 64 makes fine-tuning
+    # matmuls faster, and the extra rows are zeros whose logits nothing ever reads
+    config = GPTConfig.from_dict(dict(hf.config.to_dict(), pad_vocab_to=GPTConfig.pad_vocab_to))
+    model = GPT(config)
+    sd = hf.state_dict()
+    sd["transformer.wte.weight"] = torch.cat([
+        sd["transformer.wte.weight"],
+        sd["transformer.wte.weight"].new_zeros(config.padded_vocab_size - config.vocab_size, config.n_embd)])
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    model.load_state_dict(sd)
+    if cfg["overwrite"]:
+        # an earlier run's step files would outlive keep_last=1 pruning (they sort after step 0)
+        for old in glob.glob(os.path.join(out_dir, "ckpt*.pt")) + glob.glob(os.path.join(out_dir, "best.pt")):
+            os.remove(old)
+    state = dict(model=model.state_dict(), model_args=config.to_dict(), config=cfg, step=0,
+                 best_val_loss=math.inf, tokenizer=tokenizer)
+    path = checkpoint.save(state, out_dir, step=0, keep_last=1)
+    print(f"wrote {path} ({model.num_params() / 1e6:.2f}M parameters, {config.n_layer} layers, "
+          f"context {config.block_size}); fine-tune with init_from={out_dir}")
+
+
+def to_hf(cfg):
+    out = cfg["out"]
+    if not out:
+        raise UserError("to=hf writes a HF folder: give out=FOLDER")
+    if os.path.exists(os.path.join(out, "config.json")) and not cfg["overwrite"]:
+        raise UserError(f"{out} already holds a HF model; choose another out or pass overwrite=True")
+    if not checkpoint.is_checkpoint(cfg["source"]):
+        raise UserError(f"checkpoint not found: {cfg['source']} (to=hf reads our out_dir or a .pt file)")
+    model, tokenizer, _ = checkpoint.load_model(cfg["source"])
+    export_hf(model, out)
+    print(f"wrote {out}/model.safetensors and config.json; load with "
+          f"transformers.GPT2LMHeadModel.from_pretrained({out!r})")
+    if tokenizer.get("tokenizer") == "gpt2":
+        print("tokenizer: GPT-2's own (transformers.AutoTokenizer.from_pretrained('gpt2'))")
+    else:
+        print(f"note: this model uses the {tokenizer.get('tokenizer')} tokenizer, which HF has no "
+              f"equivalent of; only the weights and config.json are exported")
+
+
+def main(cfg):
+    if not cfg["source"]:
+        raise UserError("give source=: a HF folder or GPT-2 name (to=ours), our checkpoint (to=hf)")
+    if cfg["to"] == "ours":
+        to_ours(cfg)
+    elif cfg["to"] == "hf":
+        to_hf(cfg)
+    else:
+        raise UserError(f"to={cfg['to']!r}: use to=ours (HF -> our checkpoint) or to=hf (ours -> HF)")
+
+
+if __name__ == "__main__":
+    run(main, DEFAULTS)
