@@ -69,13 +69,7 @@ class BinDataset:
                                 f"({len(self.tokens[split])} tokens): lower block_size")
 
     def _window(self, split, starts, T):
-        data = self.tokens[split]
-        x = np.stack([data[s:s + T] for s in starts]).astype(np.int64)
-        y = np.stack([data[s + 1:s + 1 + T] for s in starts]).astype(np.int64)
-        if split in self.masks:
-            m = np.stack([self.masks[split][s + 1:s + 1 + T] for s in starts])
-            y[m == 0] = -1  # -1 targets are ignored by every loss
-        return torch.from_numpy(x), torch.from_numpy(y)
+        return _windows_at(self.tokens[split], self.masks.get(split), starts, T)
 
     def batch(self, split, batch_size, block_size, seed, step, micro, world_size=1, rank=0):
         """Rows micro*world+rank of the global batch of optimizer step `step`. The global batch is
@@ -86,26 +80,37 @@ class BinDataset:
         return self._window(split, starts, block_size)
 
     def windows(self, split, block_size, batch_size, stride=None):
-        """Every token of the split scored exactly once: windows of block_size, consecutive ones
-        overlapping by block_size - stride so each scored token sees at least that much history.
-        Yields (x, y) with y = -1 on tokens that an earlier window already scored."""
-        stride = block_size if stride is None else stride
-        n = len(self.tokens[split]) - 1  # targets available
-        starts, skips = [], []
-        pos = 0  # first target not yet scored
-        while pos < n:
-            s = max(0, min(pos - (block_size - stride), n - block_size))
-            starts.append(s)
-            skips.append(pos - s)
-            pos = s + block_size
-        for i in range(0, len(starts), batch_size):
-            x, y = self._window(split, starts[i:i + batch_size], block_size)
-            for r, skip in enumerate(skips[i:i + batch_size]):
-                y[r, :skip] = -1
-            yield x, y
+        return windows(self.tokens[split], block_size, batch_size, stride, self.masks.get(split))
 
-    def total_targets(self, split):
-        n = len(self.tokens[split]) - 1
-        if split in self.masks:
-            return int(self.masks[split][1:].astype(bool).sum())
-        return n
+
+def _windows_at(tokens, mask, starts, T):
+    x = np.stack([tokens[s:s + T] for s in starts]).astype(np.int64)
+    y = np.stack([tokens[s + 1:s + 1 + T] for s in starts]).astype(np.int64)
+    if mask is not None:
+        m = np.stack([mask[s + 1:s + 1 + T] for s in starts])
+        y[m == 0] = -1  # -1 targets are ignored by every loss
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def windows(tokens, block_size, batch_size, stride=None, mask=None):
+    """Every target of a 1-D token array scored exactly once, in batches of (x, y) windows of
+    block_size. Consecutive windows start `stride` apart, so each target after the first window
+    is predicted with at least block_size - stride tokens of history; y = -1 where an earlier
+    window already scored the target (and where the mask excludes it)."""
+    stride = block_size if stride is None else stride
+    if not 0 < stride <= block_size:
+        raise UserError(f"stride={stride} must be between 1 and the context {block_size}")
+    n = len(tokens) - 1  # targets
+    T = min(block_size, n)
+    starts, skips = [], []
+    pos = 0  # first target not yet scored
+    while pos < n:
+        s = max(0, min(pos - (T - stride), n - T))
+        starts.append(s)
+        skips.append(pos - s)
+        pos = s + T
+    for i in range(0, len(starts), batch_size):
+        x, y = _windows_at(tokens, mask, starts[i:i + batch_size], T)
+        for r, skip in enumerate(skips[i:i + batch_size]):
+            y[r, :skip] = -1
+        yield x, y

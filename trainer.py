@@ -187,12 +187,13 @@ def estimate_loss(model, data, cfg, rt, split):
 
 
 @torch.no_grad()
-def split_loss(model, data, split, block_size, batch_size, device="cpu", autocast=None, stride=None):
-    """Exact token-weighted CE over a whole split: (mean loss, tokens scored)."""
+def tokens_loss(model, tokens, block_size, batch_size, device="cpu", autocast=None, stride=None, mask=None):
+    """Exact token-weighted CE over every target of a token array: (mean loss, tokens scored)."""
+    from data import windows
     model.eval()
     total, count = 0.0, 0
     V = model.config.vocab_size
-    for x, y in data.windows(split, block_size, batch_size, stride):
+    for x, y in windows(tokens, block_size, batch_size, stride, mask):
         x, y = x.to(device), y.to(device)
         with autocast or contextlib.nullcontext():
             logits, _ = model(x)
@@ -200,6 +201,11 @@ def split_loss(model, data, split, block_size, batch_size, device="cpu", autocas
                                  ignore_index=-1, reduction="sum").item()
         count += int((y >= 0).sum())
     return total / max(count, 1), count
+
+
+def split_loss(model, data, split, block_size, batch_size, device="cpu", autocast=None, stride=None):
+    return tokens_loss(model, data.tokens[split], block_size, batch_size, device, autocast, stride,
+                       data.masks.get(split))
 
 
 # ---------------------------------------------------------------- the loop
@@ -272,11 +278,11 @@ def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None, on_step=
     raw = model
     optimizer = make_optimizer(raw, cfg, rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")
-    step, best_val = 0, float("inf")
+    step, best_val, clock = 0, float("inf"), 0.0  # clock: training seconds, across resumes
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
-        step, best_val = resume["step"], resume["best_val_loss"]
+        step, best_val, clock = resume["step"], resume["best_val_loss"], resume.get("elapsed", 0.0)
         _set_rng(resume["rng"])
     else:
         torch.manual_seed(cfg["seed"] + rt.rank)
@@ -299,12 +305,17 @@ def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None, on_step=
               f"({100 * trainable / raw.num_params():.2f}%); {tokens_per_step} tokens per step; "
               f"world size {rt.world}; {rt.device} {rt.dtype}")
 
+    t_start = time.perf_counter()
+
+    def elapsed():
+        return clock + time.perf_counter() - t_start
+
     def save(best=False):
         if not rt.master:
             return
         state = dict(model=state_dict_of(raw), optimizer=optimizer.state_dict(),
                      scaler=scaler.state_dict(), config=cfg, model_args=raw.config.to_dict(),
-                     step=step, best_val_loss=best_val, rng=_get_rng(), data_step=step,
+                     step=step, best_val_loss=best_val, rng=_get_rng(), data_step=step, elapsed=elapsed(),
                      **(extra_state or {}))
         checkpoint.save(state, cfg["out_dir"], step, cfg["keep_last"], best=best)
 
@@ -313,7 +324,7 @@ def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None, on_step=
         val = estimate_loss(model, data, cfg, rt, "val")
         best = val < best_val
         best_val = min(best_val, val)
-        metrics.log(dict(step=step, val_loss=val, val_ppl=math.exp(min(val, 50))))
+        metrics.log(dict(step=step, val_loss=val, val_ppl=math.exp(min(val, 50)), time=elapsed()))
         save(best)
         return val
 
@@ -363,7 +374,8 @@ def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None, on_step=
             last_logged, t_last = step, now
             tok_s = tokens_per_step / dt
             mfu = flops_per_step / dt / peak if peak else 0.0
-            record = dict(step=step, loss=loss_all, lr=lr, grad_norm=float(norm), tok_s=tok_s, mfu=mfu)
+            record = dict(step=step, loss=loss_all, lr=lr, grad_norm=float(norm), tok_s=tok_s, mfu=mfu,
+                          time=elapsed())
             if parts_sum:
                 means = rt.all_mean(*parts_sum.values())
                 record.update(zip(parts_sum, means if len(parts_sum) > 1 else [means]))

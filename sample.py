@@ -1,0 +1,216 @@
+"""Generate text from our checkpoint or HF GPT-2: samples to read, or teacher data as JSONL.
+
+    python sample.py source=out/shakespeare_char start="ROMEO:" num_samples=3
+    python sample.py source=gpt2-large start=FILE:prompt.txt temperature=0
+    python sample.py source=out/teacher prompts=prompts.jsonl out=data/teacher.jsonl num_samples=4
+
+With prompts= (a .txt of one prompt per line, or a .jsonl of {"prompt": ..., other fields}) every
+prompt gets num_samples responses, written as JSONL records {"prompt", "response", other fields,
+"index", "sample"}: the data of sequence-level distillation (Kim & Rush 2016), where a student is
+fine-tuned on what the teacher writes. A killed run continues where it stopped when rerun with the
+same arguments, and the finished file is byte for byte the one an uninterrupted run writes.
+"""
+import collections
+import json
+import os
+import sys
+import time
+
+import torch
+
+import checkpoint
+from configurator import UserError, run
+from tokenizer import tokenizer_from_meta
+from trainer import Runtime
+
+DEFAULTS = dict(
+    source="out/run",  # our out_dir or .pt, a HF GPT-2 folder, or a GPT-2 name
+    start="\n",  # the prompt, or FILE:path to read it from a file
+    prompts="", out="",  # prompts file (.txt / .jsonl) -> responses .jsonl
+    num_samples=3, max_new_tokens=200,
+    temperature=0.8, top_k=200, top_p=1.0,  # temperature 0 is greedy; top_k 0 and top_p 1 are off
+    batch_size=16,  # rows per generate call (prompts x samples)
+    seed=1337, device="auto", dtype="auto", compile=False,
+)
+RESERVED = ("prompt", "response", "index", "sample")
+DASHES = "-" * 40
+
+
+def read_prompts(path):
+    """[(prompt, extra fields)] from a .txt (one per non-blank line) or a .jsonl file."""
+    if not os.path.isfile(path):
+        raise UserError(f"prompts file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    if not path.endswith(".jsonl"):
+        prompts = [(line, {}) for line in lines if line.strip()]
+        if not prompts:
+            raise UserError(f"{path} holds no prompts (one per line expected)")
+        return prompts
+    prompts, bad = [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            bad.append(n)
+            continue
+        # a response already in the input is replaced by the one generated here
+        prompts.append((rec["prompt"], {k: v for k, v in rec.items() if k not in RESERVED}))
+    if bad:
+        shown = ", ".join(map(str, bad[:20])) + (", ..." if len(bad) > 20 else "")
+        msg = f"{path}: {len(bad)} line(s) are not JSON objects with a string 'prompt' (line {shown})"
+        if not prompts:
+            raise UserError(msg)
+        print(f"warning: {msg}; skipped", file=sys.stderr)
+    if not prompts:
+        raise UserError(f"{path} holds no prompts")
+    return prompts
+
+
+def encode(tok, text, where):
+    ids = tok.encode(text)
+    if ids:
+        return ids
+    if tok.eot is None:
+        raise UserError(f"{where}: the prompt is empty and the {tok.name} tokenizer has no "
+                        f"end-of-text token to start from; give at least one character")
+    return [tok.eot]  # GPT-2 was trained with <|endoftext|> between documents: a fresh start
+
+
+def plan_batches(lengths, num_samples, batch_size):
+    """Rows (prompt index, sample) in batches of equal prompt length (generate() needs equal-length
+    rows), ordered by their first row. A pure function of the prompts: a rerun rebuilds the same
+    batches, so a batch cut short by a kill is regenerated identically."""
+    groups = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(n, []).extend((i, s) for s in range(num_samples))
+    return sorted(rows[k:k + batch_size] for rows in groups.values()
+                  for k in range(0, len(rows), batch_size))
+
+
+def complete(model, tok, ids, rows, cfg, rt):
+    """Responses for the rows of one batch: decoded text cut at the first end-of-text."""
+    idx = torch.tensor([ids[i] for i, _ in rows], dtype=torch.long, device=rt.device)
+    # one generator per batch, seeded by the batch's first row: a batch's samples depend only on
+    # (seed, the batch), never on which batches ran before it in this process
+    first, sample = rows[0]
+    gen = torch.Generator(rt.device).manual_seed(
+        (cfg["seed"] * 1_000_003 + first * cfg["num_samples"] + sample) % 2 ** 63)
+    with rt.autocast():
+        y = model.generate(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None,
+                           cfg["top_p"], stop_token=tok.eot, generator=gen)
+    texts = []
+    for row in y[:, idx.size(1):].tolist():
+        if tok.eot in row:
+            row = row[:row.index(tok.eot)]
+        texts.append(tok.decode(row))
+    return texts
+
+
+def read_done(path, prompts):
+    """(index, sample) pairs already written to `path`. A torn last line, what a kill in the middle
+    of a write leaves, is truncated away so appending continues from whole records."""
+    done, good_bytes = set(), 0
+    if not os.path.exists(path):
+        return done
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                rec = json.loads(line)
+                key, same = (rec["index"], rec["sample"]), rec["prompt"] == prompts[rec["index"]][0]
+            except (ValueError, KeyError, TypeError, IndexError):
+                raise UserError(f"{path}:{n}: not a record written by sample.py; choose another out= "
+                                f"or remove the file") from None
+            if not same:
+                raise UserError(f"{path}:{n}: prompt {key[0]} differs from the prompts file: {path} was "
+                                f"written from other prompts; choose another out=")
+            done.add(key)
+            good_bytes += len(line)
+    if good_bytes < os.path.getsize(path):
+        print(f"{path}: cut off a partial last record left by an interrupted run", file=sys.stderr)
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+            os.fsync(f.fileno())
+    return done
+
+
+def write_responses(model, tok, prompts, done, cfg, rt):
+    from tqdm import tqdm
+
+    ids = [encode(tok, p, f"{cfg['prompts']} prompt {i}") for i, (p, _) in enumerate(prompts)]
+    batches = plan_batches([len(x) for x in ids], cfg["num_samples"], cfg["batch_size"])
+    out = cfg["out"]
+    left = collections.Counter(i for rows in batches for i, s in rows if (i, s) not in done)
+    print(f"{len(prompts)} prompts x {cfg['num_samples']} samples in {len(batches)} batches; "
+          f"{len(done)} already in {out}", file=sys.stderr)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    t0, written = time.time(), 0
+    with open(out, "a", encoding="utf-8") as f, \
+            tqdm(total=len(prompts), initial=len(prompts) - len(left), unit="prompt",
+                 dynamic_ncols=True, file=sys.stderr) as bar:
+        for rows in batches:
+            todo = [(k, r) for k, r in enumerate(rows) if r not in done]
+            if not todo:
+                continue
+            texts = complete(model, tok, ids, rows, cfg, rt)
+            for k, (i, s) in todo:
+                prompt, extra = prompts[i]
+                rec = dict(prompt=prompt, response=texts[k], **extra, index=i, sample=s)
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                left[i] -= 1
+                if left[i] == 0:
+                    bar.update()
+            f.flush()
+            os.fsync(f.fileno())  # what is on disk survives a kill: a rerun skips it
+            written += len(todo)
+    print(f"wrote {written} records to {out} in {time.time() - t0:.1f}s", file=sys.stderr)
+
+
+def print_samples(model, tok, cfg, rt):
+    start = cfg["start"]
+    if start.startswith("FILE:"):
+        path = start[len("FILE:"):]
+        if not os.path.isfile(path):
+            raise UserError(f"start=FILE:{path}: file not found")
+        with open(path, encoding="utf-8") as f:
+            start = f.read()
+    ids = [encode(tok, start, "start")]
+    for rows in plan_batches([len(ids[0])], cfg["num_samples"], cfg["batch_size"]):
+        for text in complete(model, tok, ids, rows, cfg, rt):
+            print(start + text)
+            print(DASHES, flush=True)
+
+
+def main(cfg):
+    for key in ("num_samples", "max_new_tokens", "batch_size"):
+        if cfg[key] < 1:
+            raise UserError(f"{key}={cfg[key]}: must be at least 1")
+    if cfg["temperature"] < 0 or not 0 < cfg["top_p"] <= 1 or (cfg["top_k"] or 0) < 0:
+        raise UserError("temperature must be >= 0, top_k >= 0 (0 = off), 0 < top_p <= 1")
+    if bool(cfg["prompts"]) != bool(cfg["out"]):
+        raise UserError("prompts=FILE and out=FILE.jsonl go together (for one prompt use start=)")
+    if cfg["prompts"]:  # before loading the model: a mistake in the files should not wait for it
+        prompts = read_prompts(cfg["prompts"])
+        done = read_done(cfg["out"], prompts)
+    rt = Runtime(cfg)
+    model, tok_info, _ = checkpoint.load_model(cfg["source"], rt.device)
+    model.eval()
+    if cfg["compile"]:
+        model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
+    tok = tokenizer_from_meta(tok_info)
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, context {model.config.block_size}, "
+          f"{tok.name} tokenizer; {rt.device} {rt.dtype}", file=sys.stderr)
+    if cfg["prompts"]:
+        write_responses(model, tok, prompts, done, cfg, rt)
+    else:
+        print_samples(model, tok, cfg, rt)
+
+
+if __name__ == "__main__":
+    run(main, DEFAULTS)
