@@ -95,16 +95,33 @@ def is_hf_folder(source):
 GPT2_TOKENIZER = {"tokenizer": "gpt2", "vocab_size": 50257}
 
 
+def model_from_checkpoint(ckpt, dropout=None, merge_lora=True):
+    """Rebuild the model a checkpoint holds; a LoRA checkpoint is its base plus its adapters."""
+    import lora
+    info = ckpt.get("lora")
+    if info:
+        model, _, _ = load_model(info["base"], dropout=dropout)
+        lora.apply(model, info["rank"], info["alpha"], info["dropout"], info["targets"])
+        missing = set(lora.adapter_state(model)) - set(ckpt["model"])
+        if missing:
+            raise UserError(f"the LoRA checkpoint lacks adapter weights such as {sorted(missing)[0]}")
+        model.load_state_dict(ckpt["model"], strict=False)
+        model.lora_info = info
+        return lora.merge(model) if merge_lora else model
+    config = GPTConfig.from_dict(ckpt["model_args"])
+    if dropout is not None:
+        config.dropout = dropout
+    model = GPT(config)
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
 def load_model(source, device="cpu", dropout=None):
     """(model, tokenizer info, checkpoint dict or None) from our checkpoint (file or out_dir), a
-    HF GPT-2 folder, or a GPT-2 name."""
+    HF GPT-2 folder, or a GPT-2 name. LoRA adapters are merged into their base."""
     if is_checkpoint(source):
         ckpt = load(source)
-        config = GPTConfig.from_dict(ckpt["model_args"])
-        if dropout is not None:
-            config.dropout = dropout
-        model = GPT(config)
-        model.load_state_dict(ckpt["model"])
+        model = model_from_checkpoint(ckpt, dropout)
         return model.to(device), ckpt.get("tokenizer", GPT2_TOKENIZER), ckpt
     if os.path.isdir(source) and not is_hf_folder(source):
         raise UserError(f"{source} holds neither {LATEST} nor a HF config.json")

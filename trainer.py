@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
+import lora
 from configurator import UserError, format_config
 
 # keys every training script has; train.py and distill.py add their own
@@ -36,6 +37,7 @@ DEFAULTS = dict(
     warmup_iters=100, lr_decay_iters=0, min_lr=6e-5, decay="cosine",
     # fine-tuning controls
     freeze_layers=0, layer_lr_decay=1.0, label_smoothing=0.0, gradient_checkpointing=False,
+    lora_rank=0, lora_alpha=16.0, lora_dropout=0.0, lora_targets="attn,attn_proj,mlp,mlp_proj",
     # system
     device="auto", dtype="auto", compile=False, seed=1337, max_bad_steps=10,
 )
@@ -256,8 +258,10 @@ class Metrics:
 
 
 def state_dict_of(model):
+    """What a checkpoint stores of the model: all weights, or only the adapters of a LoRA model."""
     model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model).state_dict()
+    model = getattr(model, "_orig_mod", model)
+    return lora.adapter_state(model) if getattr(model, "lora_info", None) else model.state_dict()
 
 
 def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None, on_step=None):
@@ -316,6 +320,7 @@ def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None, on_step=
         state = dict(model=state_dict_of(raw), optimizer=optimizer.state_dict(),
                      scaler=scaler.state_dict(), config=cfg, model_args=raw.config.to_dict(),
                      step=step, best_val_loss=best_val, rng=_get_rng(), data_step=step, elapsed=elapsed(),
+                     lora=getattr(raw, "lora_info", None),
                      **(extra_state or {}))
         checkpoint.save(state, cfg["out_dir"], step, cfg["keep_last"], best=best)
 
@@ -452,8 +457,7 @@ def init_model(cfg, data, rt):
                               bias=cfg["bias"], dropout=cfg["dropout"]))
     elif init == "resume":
         resume = checkpoint.load(out_dir)
-        model = GPT(GPTConfig.from_dict(resume["model_args"]))
-        model.load_state_dict(resume["model"])
+        model = checkpoint.model_from_checkpoint(resume, merge_lora=False)
     else:
         model, tokenizer, _ = checkpoint.load_model(init, dropout=cfg["dropout"])
         if tokenizer.get("tokenizer") != data.meta.get("tokenizer"):
@@ -463,6 +467,12 @@ def init_model(cfg, data, rt):
         raise UserError(f"block_size={cfg['block_size']} exceeds the model's context "
                         f"{model.config.block_size}")
     data.check(model.config.vocab_size, cfg["block_size"])
+    if cfg["lora_rank"] and resume is None:
+        if init == "scratch":
+            raise UserError("LoRA adapts a trained model: set init_from to a checkpoint, HF folder or GPT-2 name")
+        lora.apply(model, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
+        model.lora_info = dict(base=init, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"],
+                               dropout=cfg["lora_dropout"], targets=cfg["lora_targets"])
     model.gradient_checkpointing = cfg["gradient_checkpointing"]
     freeze(model, cfg["freeze_layers"])
     return model.to(rt.device), resume
