@@ -202,6 +202,8 @@ def main(cfg):
     model, tok_info, _ = checkpoint.load_model(cfg["source"], rt.device)
     model.eval()
     if cfg["compile"]:
+        # generate() calls hidden_states once per new token with a growing cache: dynamic shapes
+        # spare a recompile per length
         model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
     tok = tokenizer_from_meta(tok_info)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, context {model.config.block_size}, "

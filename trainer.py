@@ -457,6 +457,9 @@ def init_model(cfg, data, rt):
                               bias=cfg["bias"], dropout=cfg["dropout"]))
     elif init == "resume":
         resume = checkpoint.load(out_dir)
+        if "optimizer" not in resume:
+            raise UserError(f"{out_dir} holds weights without training state (a converted model?): "
+                            f"fine-tune from it with init_from={out_dir} and another out_dir")
         model = checkpoint.model_from_checkpoint(resume, merge_lora=False)
     else:
         model, tokenizer, _ = checkpoint.load_model(init, dropout=cfg["dropout"])
