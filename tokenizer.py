@@ -42,7 +42,9 @@ def gpt2_encoding(vocab_bpe, encoder_json):
 
     _check_sha256(vocab_bpe, VOCAB_BPE_SHA256)
     _check_sha256(encoder_json, ENCODER_JSON_SHA256)
-    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json)
+    # tiktoken caches files by path; with the hashes it re-checks what it reads, so a stale cache
+    # entry can never stand in for the files verified above
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, VOCAB_BPE_SHA256, ENCODER_JSON_SHA256)
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": GPT2_EOT}, explicit_n_vocab=50257)
 

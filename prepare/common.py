@@ -5,6 +5,7 @@ A dataset is <out>/train.bin, val.bin (uint16 tokens, uint32 only past 65535), o
 last, after every bin is fsynced and renamed into place: a folder without it is unfinished, and
 readers refuse it.
 """
+import itertools
 import json
 import os
 import sys
@@ -17,6 +18,9 @@ from configurator import UserError  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
 _worker_tok = None
+# Pool.imap reads its whole input ahead of the workers; feeding it bounded batches keeps a corpus
+# larger than memory (OpenWebText is ~40 GB of text) streaming instead of piling up in a queue.
+DOCS_PER_PROC_BATCH = 256
 
 
 def _init_worker(name, chars):
@@ -25,7 +29,7 @@ def _init_worker(name, chars):
 
 
 def _encode(item):
-    """item: text, or (prompt, response) pairs for masked data -> (ids, mask or None)."""
+    """item: text, or (prompt, response, train_on_prompt) for masked data -> (ids, mask or None)."""
     if isinstance(item, str):
         ids = _worker_tok.encode(item)
         return ids, None
@@ -40,6 +44,18 @@ def _replace_atomically(tmp, final):
     os.replace(tmp, final)
 
 
+def _encoded(items, tok, num_proc):
+    """(ids, mask) per item, in input order, from num_proc processes (1 = in this process)."""
+    _init_worker(tok.name, getattr(tok, "chars", None))
+    if num_proc <= 1:
+        yield from map(_encode, items)
+        return
+    with Pool(num_proc, _init_worker, (tok.name, getattr(tok, "chars", None))) as pool:
+        it = iter(items)
+        while batch := list(itertools.islice(it, DOCS_PER_PROC_BATCH * num_proc)):
+            yield from pool.imap(_encode, batch, chunksize=max(1, len(batch) // (4 * num_proc)))
+
+
 def _write_split(path, items, tok, dtype, num_proc, masked, desc):
     """Stream the tokens of `items` into path (+ .mask.bin); returns the token count."""
     from tqdm import tqdm
@@ -47,14 +63,9 @@ def _write_split(path, items, tok, dtype, num_proc, masked, desc):
     sep = [tok.eot] if tok.eot is not None else tok.encode("\n\n")
     tmp_paths = [path + ".tmp"] + ([path.replace(".bin", ".mask.bin") + ".tmp"] if masked else [])
     files = [open(p, "wb") for p in tmp_paths]
+    results = _encoded(items, tok, num_proc)
     n = 0
     try:
-        if num_proc > 1:
-            pool = Pool(num_proc, _init_worker, (tok.name, getattr(tok, "chars", None)))
-            results = pool.imap(_encode, items, chunksize=16)
-        else:
-            _init_worker(tok.name, getattr(tok, "chars", None))
-            pool, results = None, map(_encode, items)
         for i, (ids, mask) in enumerate(tqdm(results, total=len(items), desc=desc, unit="doc")):
             if i and not masked:  # documents are separated, not terminated
                 np.array(sep, dtype=dtype).tofile(files[0])
@@ -64,22 +75,24 @@ def _write_split(path, items, tok, dtype, num_proc, masked, desc):
                 np.array(mask, dtype=np.uint8).tofile(files[1])
             np.array(ids, dtype=dtype).tofile(files[0])
             n += len(ids)
-        if pool is not None:
-            pool.close()
-            pool.join()
-    finally:
-        for f in files:
+    except BaseException:
+        results.close()  # stops the worker processes now, not when the traceback is freed
+        for f, p in zip(files, tmp_paths):
             f.close()
+            os.remove(p)  # a half-written bin is worth nothing: leave no partial files
+        raise
+    for f in files:
+        f.close()
     for tmp in tmp_paths:
         _replace_atomically(tmp, tmp[:-len(".tmp")])
     return n
 
 
 def write_dataset(out, splits, tok, source, split_rule, num_proc=1, masked=False, extra=None):
-    """splits: {"train": items, "val": items}; items are texts (documents) or, when masked,
-    (prompt, response, train_on_prompt) triples. Returns the meta dict."""
+    """splits: {"train": items, "val": items}; items (anything with len() and iteration) are texts
+    (documents) or, when masked, (prompt, response, train_on_prompt) triples. Returns the meta."""
     for split, items in splits.items():
-        if not items:
+        if not len(items):
             raise UserError(f"the {split} split is empty: the corpus has too few documents "
                             f"({source}); add text or change the split")
     os.makedirs(out, exist_ok=True)
@@ -112,5 +125,50 @@ def char_vocab(texts):
     return "".join(sorted(chars))
 
 
-def default_num_proc():
-    return max(1, min(8, (os.cpu_count() or 1)))
+def tokenizer_for(name, texts):
+    """The tokenizer `name`; a char vocabulary is built from every split so val has no unknowns."""
+    return get_tokenizer(name, char_vocab(texts) if name == "char" else None)
+
+
+def resolve_num_proc(num_proc):
+    """0 = automatic: up to 4 processes, more rarely pays for the pickling of documents."""
+    return num_proc if num_proc > 0 else max(1, min(4, os.cpu_count() or 1))
+
+
+def every_nth(n_items, val_fraction):
+    """Deterministic held-out indices: every round(1/val_fraction)-th item, starting mid-stride
+    so the first and last items (often atypical: prefaces, appendices) train."""
+    if not 0 < val_fraction < 1:
+        raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.1)")
+    every = max(2, round(1 / val_fraction))
+    return set(range(every // 2, n_items, every)) or {n_items - 1}, every
+
+
+def load_hf(path, name=None, split=None, offline_hint="pass a local copy with input="):
+    """A Hugging Face dataset, or one line saying how to do without it."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{path} needs the datasets package: pip install datasets; or "
+                        f"{offline_hint}") from None
+    try:
+        return datasets.load_dataset(path, name, split=split)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        raise UserError(f"cannot load {path}{'/' + name if name else ''} ({type(e).__name__}: "
+                        f"{reason}); offline, {offline_hint}") from None
+
+
+class Column:
+    """One text column of a Hugging Face dataset, read in batches as it is iterated: a corpus
+    larger than memory passes through the writer without ever being held whole."""
+
+    def __init__(self, ds, key="text", batch_size=1000):
+        self.ds, self.key, self.batch_size = ds, key, batch_size
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __iter__(self):
+        for batch in self.ds.iter(batch_size=self.batch_size):
+            yield from batch[self.key]

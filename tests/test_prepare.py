@@ -89,5 +89,105 @@ def test_interrupted_prepare_leaves_no_dataset(tmp_path, monkeypatch):
         common.write_dataset(str(out), {"train": ["a b c"] * 5, "val": ["d e"]}, get_tokenizer("gpt2"),
                              source="t", split_rule="t")
     assert not (out / "meta.json").exists() and not (out / "train.bin").exists()
+    assert os.listdir(out) == []  # no torn .tmp either
     with pytest.raises(Exception, match="no meta.json"):
         BinDataset(str(out))
+
+
+def _bins(folder, split, mask=False):
+    tokens = np.fromfile(folder / f"{split}.bin", dtype=np.uint16)
+    return (tokens, np.fromfile(folder / f"{split}.mask.bin", dtype=np.uint8)) if mask else tokens
+
+
+def test_jsonl_mask_and_bad_lines_reported(tmp_path):
+    lines = [json.dumps(dict(prompt=f"Q{i}: what is {i}+{i}?", response=f" It is {2 * i}.")) for i in range(12)]
+    lines[2] = "{not json"
+    lines[5] = json.dumps(dict(prompt="no answer"))
+    lines[7] = json.dumps(dict(prompt="blank", response="   "))
+    lines.insert(9, "")  # blank lines are not records
+    (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
+    p = run_script("prepare/jsonl.py", f"input={tmp_path / 'r.jsonl'}", f"out={tmp_path / 'o'}", "num_proc=1")
+    warning = [l for l in p.stderr.splitlines() if "records bad" in l]
+    assert len(warning) == 1 and "3 of 12" in warning[0]
+    assert "line 3 (not JSON)" in warning[0] and "line 6 (no 'response')" in warning[0] and "line 8 (empty response)" in warning[0]
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["has_mask"] and meta["train_tokens"] == len(_bins(tmp_path / "o", "train"))
+    tok = tokenizer_from_meta(meta)
+    good = [i for i in range(12) if i not in (2, 5, 7)]  # 9 records, index 5 of them is val
+    for split, recs in (("train", good[:5] + good[6:]), ("val", [good[5]])):
+        tokens, mask = _bins(tmp_path / "o", split, mask=True)
+        assert len(mask) == len(tokens) and (tokens == 50256).sum() == len(recs) and tokens[-1] == 50256
+        # the targets are exactly the responses and their end-of-text
+        assert tok.decode(tokens[mask == 1]) == "".join(f" It is {2 * i}.<|endoftext|>" for i in recs)
+        assert tok.decode(tokens[mask == 0]) == "".join(f"Q{i}: what is {i}+{i}?" for i in recs)
+    p = run_script("prepare/jsonl.py", f"input={tmp_path / 'r.jsonl'}", f"out={tmp_path / 'p'}",
+                   "train_on_prompt=True", "tokenizer=char")
+    tokens, mask = _bins(tmp_path / "p", "train", mask=True)
+    assert mask.all() and BinDataset(str(tmp_path / "p")).masks["val"].all()
+
+
+def test_jsonl_all_bad_is_an_error(tmp_path):
+    (tmp_path / "r.jsonl").write_text('{"prompt": "a"}\n[1, 2]\n')
+    p = run_script("prepare/jsonl.py", f"input={tmp_path / 'r.jsonl'}", f"out={tmp_path / 'o'}", check=False)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and err[0].startswith("error: no usable records")
+    assert "line 1 (no 'response')" in err[0] and "line 2 (not a JSON object)" in err[0]
+
+
+BABYLM = ["bnc_spoken", "childes", "gutenberg", "open_subtitles", "simple_wiki", "switchboard"]
+
+
+def test_babylm_merged_95_5_split(tmp_path):
+    folder = tmp_path / "train_10M"
+    folder.mkdir()
+    for name in reversed(BABYLM):  # creation order must not matter, names do
+        (folder / f"{name}.train").write_text("".join(f"{name} says line {i}.\n" for i in range(100)))
+    run_script("prepare/babylm.py", f"input={folder}", f"out={tmp_path / 'o'}", "num_proc=1")
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["files"] == [f"{n}.train" for n in BABYLM] and meta["val_sources"] == ["switchboard.train"]
+    tok = tokenizer_from_meta(meta)
+    lines = [f"{n} says line {i}." for n in BABYLM for i in range(100)]  # 600 lines: 570 train, 30 val
+    train = tok.decode(_bins(tmp_path / "o", "train")).split("<|endoftext|>")
+    assert len(train) == 6 and "".join(train).splitlines() == lines[:570]
+    assert tok.decode(_bins(tmp_path / "o", "val")).splitlines() == lines[570:]
+
+
+WIKI = " \n = {0} = \n \n {0} is an article . \n \n = = Section = = \n \n More about {0} . \n"
+
+
+def test_wikitext_local_files_keep_their_split(tmp_path):
+    folder = tmp_path / "wikitext-2-raw"
+    folder.mkdir()
+    (folder / "wiki.train.raw").write_text("".join(WIKI.format(t) for t in ("Apple", "Pear", "Plum")))
+    (folder / "wiki.valid.raw").write_text(WIKI.format("Fig"))
+    (folder / "wiki.test.raw").write_text(WIKI.format("Secret"))
+    run_script("prepare/wikitext.py", f"input={folder}", f"out={tmp_path / 'o'}", "num_proc=1")
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["train_articles"] == 3 and meta["val_articles"] == 1 and "train / validation" in meta["split"]
+    tok = tokenizer_from_meta(meta)
+    train, val = (tok.decode(_bins(tmp_path / "o", s)) for s in ("train", "val"))
+    # an article runs from its " = Title = " line to the next one (the raw file's " \n" between them included)
+    assert train.split("<|endoftext|>")[1] == WIKI.format("Pear")[2:] + " \n"
+    assert val == WIKI.format("Fig")[2:] and "Secret" not in train + val  # the file's leading " \n" is no article
+
+
+def test_openwebtext_local_txt_and_jsonl(tmp_path):
+    (tmp_path / "owt").mkdir()
+    (tmp_path / "owt" / "a.txt").write_text("A web page about cats.")
+    (tmp_path / "owt" / "b.jsonl").write_text("\n".join(json.dumps(dict(text=f"Page {i}.")) for i in range(9))
+                                            + '\n{"url": "x"}\n')
+    p = run_script("prepare/openwebtext.py", f"input={tmp_path / 'owt'}", "val_fraction=0.2",
+                   f"out={tmp_path / 'o'}", "num_proc=1")
+    assert "skipped 1 lines" in p.stderr and "lines 10" in p.stderr
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    tok = tokenizer_from_meta(meta)
+    assert tok.decode(_bins(tmp_path / "o", "val")) == "Page 1.<|endoftext|>Page 6."  # docs 2 and 7 of 10
+
+
+@pytest.mark.parametrize("script", ["openwebtext", "wikitext", "babylm"])
+def test_hub_sources_offline_name_the_local_alternative(tmp_path, script):
+    env = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # fail fast where datasets is installed
+    p = run_script(f"prepare/{script}.py", f"out={tmp_path / 'o'}", check=False, env=env)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and err[0].startswith("error: ") and "input=" in err[0]
+    assert not (tmp_path / "o").exists()

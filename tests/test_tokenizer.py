@@ -36,6 +36,16 @@ def test_tampered_vocab_refused(tmp_path):
         gpt2_encoding(str(bad), enc)
 
 
+def test_stale_tiktoken_cache_cannot_replace_verified_files(tmp_path, monkeypatch):
+    """tiktoken caches files by their path; a wrong cached copy must not be used."""
+    import hashlib
+    bpe, enc = _packaged_files()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    for path in (bpe, enc):
+        (tmp_path / hashlib.sha1(path.encode()).hexdigest()).write_bytes(b"not a vocabulary")
+    assert gpt2_encoding(bpe, enc).encode_ordinary("Hello world") == [15496, 995]
+
+
 def test_equals_tiktoken_online_where_available():
     """tiktoken's own download; skipped quickly when there is no network."""
     code = "import tiktoken; e = tiktoken.get_encoding('gpt2'); print(e.encode_ordinary(open(0).read()))"

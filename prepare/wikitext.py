@@ -1,0 +1,65 @@
+"""WikiText (Wikipedia Good and Featured articles) with the dataset's own train/validation split.
+
+    python prepare/wikitext.py config=wikitext-103-raw-v1           # needs a network
+    python prepare/wikitext.py input=wikitext-103-raw/ out=data/wt103  # local wiki.{train,valid}.raw
+
+The test split is left alone: evaluate.py scores it. Each article (from its " = Title = " line
+to the next) is a document, so GPT-2 sees <|endoftext|> between articles as it did in WebText.
+"""
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configurator import UserError, run  # noqa: E402
+from prepare.common import load_hf, resolve_num_proc, tokenizer_for, write_dataset  # noqa: E402
+
+DEFAULTS = dict(input="", config="wikitext-103-raw-v1", out="data/wikitext", tokenizer="gpt2", num_proc=0)
+SPLITS = {"train": "train", "val": "valid"}  # ours -> the file names' (HF calls it "validation")
+# a top-level heading is " = Title = "; sections are " = = Section = = ", so one '=' then not '='
+ARTICLE_START = re.compile(r"^(?= = [^=])", re.MULTILINE)
+
+
+def articles(text):
+    return [a for a in ARTICLE_START.split(text) if a.strip()]
+
+
+def local_split_file(folder, split):
+    for ext in ("raw", "tokens"):  # the raw release keeps the original text; .tokens has <unk>
+        path = os.path.join(folder, f"wiki.{split}.{ext}")
+        if os.path.isfile(path):
+            return path
+    raise UserError(f"input={folder}: no wiki.{split}.raw or wiki.{split}.tokens there; unzip "
+                    f"WikiText (e.g. wikitext-103-raw-v1.zip) and pass its folder")
+
+
+def local_texts(spec):
+    folder = spec if os.path.isdir(spec) else os.path.dirname(spec)  # a file names its folder
+    texts = {}
+    for ours, theirs in SPLITS.items():
+        with open(local_split_file(folder, theirs), encoding="utf-8") as f:
+            texts[ours] = f.read()
+    return texts, f"local WikiText files in {folder}"
+
+
+def hub_texts(config):
+    hint = "pass the unzipped folder holding wiki.train.raw and wiki.valid.raw with input="
+    texts = {}
+    for ours, theirs in (("train", "train"), ("val", "validation")):
+        # rows are the file's lines with their newlines kept, so joining them gives the raw file
+        texts[ours] = "".join(load_hf("wikitext", config, split=theirs, offline_hint=hint)["text"])
+    return texts, f"wikitext/{config} (Hugging Face)"
+
+
+def main(cfg):
+    texts, source = local_texts(cfg["input"]) if cfg["input"] else hub_texts(cfg["config"])
+    splits = {split: articles(text) for split, text in texts.items()}
+    tok = tokenizer_for(cfg["tokenizer"], texts.values())
+    write_dataset(cfg["out"], splits, tok, source=source,
+                  split_rule="WikiText's own train / validation split, one document per article",
+                  num_proc=resolve_num_proc(cfg["num_proc"]),
+                  extra={f"{s}_articles": len(a) for s, a in splits.items()})
+
+
+if __name__ == "__main__":
+    run(main, DEFAULTS)
