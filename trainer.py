@@ -55,14 +55,14 @@ class Runtime:
             cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
         if self.ddp:
             self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-            local = int(os.environ.get("LOCAL_RANK", 0))
+            self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
             backend = "nccl" if cfg["device"].startswith("cuda") else "gloo"
             if backend == "nccl":
-                cfg["device"] = f"cuda:{local}"
+                cfg["device"] = f"cuda:{self.local_rank}"
                 torch.cuda.set_device(cfg["device"])
             dist.init_process_group(backend=backend)
         else:
-            self.rank, self.world = 0, 1
+            self.rank, self.world, self.local_rank = 0, 1, 0
         self.master = self.rank == 0
         self.device = cfg["device"]
         self.device_type = "cuda" if self.device.startswith("cuda") else "cpu"
@@ -264,7 +264,7 @@ def state_dict_of(model):
     return lora.adapter_state(model) if getattr(model, "lora_info", None) else model.state_dict()
 
 
-def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None, on_step=None):
+def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None):
     """Train `model` on `data` with `loss_fn(model, x, y) -> (loss, {name: tensor})`.
 
     resume: a loaded checkpoint to continue from exactly. extra_state: plain values stored in every
@@ -293,8 +293,7 @@ def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None, on_step=
     if cfg["compile"]:
         model = torch.compile(model)
     if rt.ddp:
-        model = DDP(model, device_ids=[rt.rank % max(1, torch.cuda.device_count())]
-                    if rt.device_type == "cuda" else None)
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
 
     tokens_per_step = cfg["batch_size"] * cfg["block_size"] * accum
     flops_per_step = raw.flops_per_token(cfg["block_size"]) * tokens_per_step
@@ -387,8 +386,6 @@ def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None, on_step=
             metrics.log(record)
             bar.set_postfix(loss=f"{loss_all:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}",
                             mfu=f"{100 * mfu:.1f}%", refresh=False)
-        if on_step is not None:
-            on_step(step)
         if step % cfg["eval_interval"] == 0 and step < cfg["max_iters"]:
             evaluate()
         if stopping:
