@@ -1,74 +1,96 @@
 """Distillation losses: true divergences between teacher and student next-token distributions.
 
-All are averaged per counted target token (the mask), never per sequence, and use only the real
-vocab columns (padded logits such as 50304 vs 50257 never enter). With T the temperature, both
-distributions are softmax(logits / T) and the divergence is multiplied by T^2 (Hinton et al. 2015),
-which keeps the gradient scale independent of T.
+Every loss is averaged per counted target token (the mask), never per sequence, and sees only the
+first `vocab_size` columns: padded logits (50304 vs 50257) never enter. With T the temperature,
+both distributions are softmax(logits / T), computed in float32, and the divergence is multiplied
+by T^2 so the gradient scale does not depend on T (Hinton et al. 2015, "Distilling the Knowledge
+in a Neural Network", sec. 2).
 
-  forward_kl  KL(p_t || p_s)                                   (Hinton et al. 2015)
-  reverse_kl  KL(p_s || p_t), mode seeking                      (Gu et al. 2024, MiniLLM)
+  forward_kl  KL(p_t || p_s), mean seeking                     (Hinton et al. 2015)
+  reverse_kl  KL(p_s || p_t), mode seeking                     (Gu et al. 2024, MiniLLM)
   jsd         b KL(p_t || m) + (1-b) KL(p_s || m), m = b p_t + (1-b) p_s
-              (the generalised JSD of GKD, Agarwal et al. 2024, with P = teacher; b=0.5 is the
-              symmetric JSD, bounded by log 2)
+              GKD's generalised JSD (Agarwal et al. 2024, eq. for D_JSD(b)(P||Q)) with P = teacher,
+              Q = student. b = 0.5 is the symmetric JSD, bounded by log 2; JSD(b)/b -> forward KL
+              as b -> 0 and JSD(b)/(1-b) -> reverse KL as b -> 1, so those ends are the other two
+              kinds and b must lie strictly inside (0, 1).
 
-chunk_size bounds memory: the analytic gradient w.r.t. the student logits is computed chunk by
-chunk in the forward pass, so float32 (rows, V) teacher and student log-probabilities exist only
-for one chunk at a time, in the backward pass too.
+The loss is true divergence, not cross-entropy to the teacher (which differs by the teacher's
+entropy and is never 0): forward KL is exactly 0 when the student equals the teacher.
+
+chunk_size bounds memory: (N, V) float32 log-probabilities of teacher and student exist for one
+chunk of rows at a time, in the backward pass too, because the gradient w.r.t. the student logits
+is written analytically chunk by chunk during the forward pass and only that gradient (in the
+student logits' dtype) is kept for backward. With z = logits / T, per counted row (weight w):
+
+  forward_kl  dL/dz = p_s - p_t
+  reverse_kl  dL/dz = p_s * (log p_s - log p_t - KL(p_s || p_t))
+  jsd         dL/dz = (1-b) p_s * (log p_s - log m - KL(p_s || m))
+  and dL/dlogits = T^2 * w * dL/dz / T = T * w * dL/dz.
 """
 import math
 
 import torch
 import torch.nn.functional as F
 
-
-def _row_divergence(log_ps, log_pt, kind, beta):
-    """Per-row divergence of float32 log-probabilities (n, V) -> (n,)."""
-    if kind == "forward_kl":
-        return (log_pt.exp() * (log_pt - log_ps)).sum(-1)
-    if kind == "reverse_kl":
-        return (log_ps.exp() * (log_ps - log_pt)).sum(-1)
-    if kind == "jsd":
-        log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log(1 - beta))
-        return (beta * (log_pt.exp() * (log_pt - log_m)).sum(-1)
-                + (1 - beta) * (log_ps.exp() * (log_ps - log_m)).sum(-1))
-    raise ValueError(f"unknown kd loss {kind!r}: use forward_kl, reverse_kl or jsd")
+KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 
-def _row_grad(log_ps, log_pt, kind, beta):
-    """d divergence / d (student logits / T), per row, (n, V)."""
+def _weights(mask, n, device):
+    """(n,) float32 weights mask / count, so a weighted sum is the mean over counted tokens.
+    With nothing counted every weight is 0 and the loss is 0 (with its graph), not NaN."""
+    if mask is None:
+        return torch.full((n,), 1.0 / max(n, 1), device=device)
+    w = mask.reshape(-1).to(device=device, dtype=torch.float32)
+    if w.numel() != n:
+        raise ValueError(f"mask has {w.numel()} positions but the logits have {n}")
+    return w / w.sum().clamp(min=1e-12)
+
+
+def _log_probs(rows, V, T):
+    return F.log_softmax(rows[:, :V].float() / T, dim=-1)
+
+
+def _divergence(log_ps, log_pt, kind, beta, with_grad=False):
+    """Per-row divergence (n,) of float32 log-probabilities, and dL/dz (n, V) when with_grad."""
     ps = log_ps.exp()
     if kind == "forward_kl":
-        return ps - log_pt.exp()
+        pt = log_pt.exp()
+        return (pt * (log_pt - log_ps)).sum(-1), (ps - pt if with_grad else None)
     if kind == "reverse_kl":
-        g = log_ps - log_pt  # d/dp_s of KL(p_s||p_t) up to a constant absorbed by the softmax
-    else:
-        log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log(1 - beta))
-        g = (1 - beta) * (log_ps - log_m)  # d JSD / d p_s_j; the p/m terms cancel
-    # back through the softmax: dL/ds_j = p_j (g_j - sum_i p_i g_i)
-    return ps * (g - (ps * g).sum(-1, keepdim=True))
+        g = log_ps - log_pt  # dKL/dp_s up to the +1, which the softmax Jacobian cancels
+        div = (ps * g).sum(-1)
+        return div, (ps * (g - div[:, None]) if with_grad else None)
+    # log m via logaddexp: forming b p_t + (1-b) p_s in probability space underflows to log 0
+    log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log(1 - beta))
+    g = log_ps - log_m  # dJSD/dp_s = (1-b) g (+ const): the p_t/m and p_s/m terms sum to 1
+    kl_s = (ps * g).sum(-1)
+    div = beta * (log_pt.exp() * (log_pt - log_m)).sum(-1) + (1 - beta) * kl_s
+    return div, ((1 - beta) * ps * (g - kl_s[:, None]) if with_grad else None)
 
 
-def _log_probs(logits, V, T):
-    return F.log_softmax(logits[:, :V].float() / T, dim=-1)
+def _chunked(s, t, w, kind, T, beta, V, chunk, with_grad):
+    """Weighted divergence sum over rows, one chunk of rows at a time, and dL/d(student logits)."""
+    grad = torch.zeros_like(s) if with_grad else None  # padded columns keep gradient 0
+    total = torch.zeros((), dtype=torch.float32, device=s.device)
+    for i in range(0, s.size(0), chunk):
+        wi = w[i:i + chunk]
+        div, g = _divergence(_log_probs(s[i:i + chunk], V, T), _log_probs(t[i:i + chunk], V, T),
+                             kind, beta, with_grad)
+        total += (div * wi).sum()
+        if with_grad:
+            grad[i:i + chunk, :V] = (g * (T * wi[:, None])).to(grad.dtype)
+    return total * (T * T), grad
 
 
 class _ChunkedSoftLoss(torch.autograd.Function):
+    """A Python loop of per-chunk losses would keep every chunk's float32 intermediates alive for
+    backward; this saves only the finished gradient, one tensor the size of the student logits."""
+
     @staticmethod
-    def forward(ctx, s_logits, t_logits, weights, kind, T, beta, V, chunk):
-        need_grad = ctx.needs_input_grad[0]
-        grad = torch.zeros_like(s_logits) if need_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=s_logits.device)
-        for i in range(0, s_logits.size(0), chunk):
-            log_ps = _log_probs(s_logits[i:i + chunk], V, T)
-            log_pt = _log_probs(t_logits[i:i + chunk], V, T)
-            w = weights[i:i + chunk]
-            total += (_row_divergence(log_ps, log_pt, kind, beta) * w).sum()
-            if need_grad:
-                # chain rule through logits / T, times the T^2 scaling: a factor T in all
-                g = _row_grad(log_ps, log_pt, kind, beta) * (T * w[:, None])
-                grad[i:i + chunk, :V] = g.to(grad.dtype)
+    def forward(ctx, s, t, w, kind, T, beta, V, chunk):
+        loss, grad = _chunked(s, t, w, kind, T, beta, V, chunk, with_grad=True)
         ctx.save_for_backward(grad)
-        return total * T * T
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -76,44 +98,55 @@ class _ChunkedSoftLoss(torch.autograd.Function):
         return grad * grad_out.to(grad.dtype), None, None, None, None, None, None, None
 
 
-def _flatten(logits, mask):
-    rows = logits.reshape(-1, logits.size(-1))
-    if mask is None:
-        w = torch.ones(rows.size(0), device=rows.device)
-    else:
-        w = mask.reshape(-1).float()
-    return rows, w / w.sum().clamp(min=1.0)  # per counted token; 0 counted -> loss 0, not NaN
-
-
 def soft_loss(student_logits, teacher_logits, kind="forward_kl", temperature=2.0, jsd_beta=0.5,
               mask=None, vocab_size=None, chunk_size=None):
-    """Divergence between (…, V) logits, times T^2, averaged over the positions where mask is true.
-    The teacher side never gets a gradient."""
+    """Divergence of (..., V) logits times T^2, averaged over positions where mask is nonzero.
+    vocab_size defaults to the narrower logits; the teacher never gets a gradient."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kd loss {kind!r}: use one of {', '.join(KINDS)}")
     if kind == "jsd" and not 0.0 < jsd_beta < 1.0:
-        raise ValueError(f"jsd_beta={jsd_beta} must be strictly between 0 and 1")
-    V = vocab_size or min(student_logits.size(-1), teacher_logits.size(-1))
-    s, w = _flatten(student_logits, mask)
-    t = teacher_logits.reshape(-1, teacher_logits.size(-1)).detach()
+        raise ValueError(f"jsd_beta={jsd_beta} must be strictly between 0 and 1 "
+                         "(its ends are forward_kl and reverse_kl)")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive")
+    s = student_logits.reshape(-1, student_logits.size(-1))  # (B*T, Vs)
+    t = teacher_logits.detach().reshape(-1, teacher_logits.size(-1))  # (B*T, Vt)
+    if s.size(0) != t.size(0):
+        raise ValueError(f"student has {s.size(0)} positions, teacher {t.size(0)}")
+    V = vocab_size or min(s.size(1), t.size(1))
+    if V > min(s.size(1), t.size(1)):
+        raise ValueError(f"vocab_size={V} exceeds the logits' widths {s.size(1)}, {t.size(1)}")
+    w = _weights(mask, s.size(0), s.device)
     T = float(temperature)
     if chunk_size is None or chunk_size >= s.size(0):
-        per_row = _row_divergence(_log_probs(s, V, T), _log_probs(t, V, T), kind, jsd_beta)
-        return (per_row * w).sum() * T * T
-    return _ChunkedSoftLoss.apply(s, t, w, kind, T, jsd_beta, V, int(chunk_size))
+        div, _ = _divergence(_log_probs(s, V, T), _log_probs(t, V, T), kind, jsd_beta)
+        return (div * w).sum() * (T * T)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be a positive number of rows")
+    if torch.is_grad_enabled() and s.requires_grad:
+        return _ChunkedSoftLoss.apply(s, t, w, kind, T, jsd_beta, V, int(chunk_size))
+    return _chunked(s, t, w, kind, T, jsd_beta, V, int(chunk_size), with_grad=False)[0]
 
 
-def hard_loss(logits, targets, vocab_size=None, label_smoothing=0.0):
-    """Cross-entropy over the real vocab, averaged over targets >= 0 (-1 marks masked targets)."""
+def hard_loss(logits, targets, vocab_size=None, label_smoothing=0.0, mask=None):
+    """Cross-entropy over the real vocab in float32, averaged over counted targets: targets of -1
+    and positions where mask is 0 do not count. Nothing counted gives 0, not NaN."""
     V = vocab_size or logits.size(-1)
-    return F.cross_entropy(logits[..., :V].reshape(-1, V), targets.reshape(-1), ignore_index=-1,
-                           label_smoothing=label_smoothing)
+    targets = targets.reshape(-1)
+    if mask is not None:
+        targets = targets.masked_fill(~mask.reshape(-1).bool(), -1)
+    rows = logits.reshape(-1, logits.size(-1))[:, :V].float()  # (B*T, V)
+    total = F.cross_entropy(rows, targets, ignore_index=-1, label_smoothing=label_smoothing,
+                            reduction="sum")
+    return total / (targets != -1).sum().clamp(min=1)
 
 
 def cosine_loss(student_hidden, teacher_hidden, mask=None):
-    """DistilGPT2's cosine loss (Sanh et al. 2019): 1 - cos between last hidden states, per counted
-    position. Needs equal widths."""
+    """DistilGPT2's cosine embedding loss (Sanh et al. 2019, DistilBERT): 1 - cos between last
+    hidden states, averaged over counted positions. Needs equal widths."""
     if student_hidden.size(-1) != teacher_hidden.size(-1):
-        raise ValueError(f"cosine loss needs equal widths, got {student_hidden.size(-1)} and "
-                         f"{teacher_hidden.size(-1)}")
+        raise ValueError(f"cosine loss needs equal hidden widths, got student "
+                         f"{student_hidden.size(-1)} and teacher {teacher_hidden.size(-1)}")
     cos = F.cosine_similarity(student_hidden.float(), teacher_hidden.detach().float(), dim=-1)
-    _, w = _flatten(cos[..., None], mask)
-    return ((1 - cos.reshape(-1)) * w).sum()
+    cos = cos.reshape(-1)  # (B*T,)
+    return ((1 - cos) * _weights(mask, cos.numel(), cos.device)).sum()

@@ -1,0 +1,250 @@
+"""losses.py against brute-force formulas, chunked against unchunked (value and gradient),
+padding and masking invariances, and what the chunked path keeps for backward."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losses import KINDS, cosine_loss, hard_loss, soft_loss
+
+torch.set_num_threads(1)
+
+
+def logits(*shape, seed=0, scale=3.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def brute(student, teacher, kind, T, beta=0.5, mask=None):
+    """Explicit loops over rows and columns in float64 Python floats."""
+    rows = []
+    for n, (s, t) in enumerate(zip(student.tolist(), teacher.tolist())):
+        zs = sum(math.exp(x / T) for x in s)
+        zt = sum(math.exp(x / T) for x in t)
+        ps = [math.exp(x / T) / zs for x in s]
+        pt = [math.exp(x / T) / zt for x in t]
+        if kind == "forward_kl":
+            d = sum(a * math.log(a / b) for a, b in zip(pt, ps))
+        elif kind == "reverse_kl":
+            d = sum(b * math.log(b / a) for a, b in zip(pt, ps))
+        else:
+            m = [beta * a + (1 - beta) * b for a, b in zip(pt, ps)]
+            d = (beta * sum(a * math.log(a / c) for a, c in zip(pt, m))
+                 + (1 - beta) * sum(b * math.log(b / c) for b, c in zip(ps, m)))
+        rows.append((d, 1.0 if mask is None else float(mask[n])))
+    return T * T * sum(d * c for d, c in rows) / sum(c for _, c in rows)
+
+
+def value_and_grad(s, t, **kw):
+    s = s.detach().clone().requires_grad_(True)
+    loss = soft_loss(s, t, **kw)
+    loss.backward()
+    return loss.detach(), s.grad
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T", [1.0, 0.5, 2.0, 4.0])
+@pytest.mark.parametrize("masked", [False, True])
+def test_matches_brute_force(kind, T, masked):
+    s, t = logits(7, 11, seed=1), logits(7, 11, seed=2)
+    mask = torch.tensor([1, 0, 1, 1, 0, 1, 1]) if masked else None
+    beta = 0.3 if kind == "jsd" else 0.5  # an asymmetric beta catches a swapped convention
+    got = soft_loss(s, t, kind=kind, temperature=T, jsd_beta=beta, mask=mask)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(brute(s, t, kind, T, beta, mask), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_when_student_equals_teacher(kind):
+    t = logits(2, 5, 11, seed=3)
+    assert abs(soft_loss(t.clone(), t, kind=kind).item()) < 1e-6
+
+
+def test_jsd_symmetry_and_log2_bound():
+    s, t = logits(7, 11, seed=4), logits(7, 11, seed=5)
+    a = soft_loss(s, t, kind="jsd", temperature=1.0)
+    assert a.item() == pytest.approx(soft_loss(t, s, kind="jsd", temperature=1.0).item(), rel=1e-6)
+    # generalised: JSD_b(P||Q) = JSD_(1-b)(Q||P)
+    b = soft_loss(s, t, kind="jsd", jsd_beta=0.2)
+    assert b.item() == pytest.approx(soft_loss(t, s, kind="jsd", jsd_beta=0.8).item(), rel=1e-6)
+    # disjoint one-hot-like distributions reach the bound without NaN or overshoot
+    s, t = torch.full((3, 11), -1e4), torch.full((3, 11), -1e4)
+    s[:, 0], t[:, 1] = 1e4, 1e4
+    for T in (1.0, 3.0):
+        j = soft_loss(s, t, kind="jsd", temperature=T) / T ** 2
+        assert math.log(2) - 1e-5 < j.item() <= math.log(2) + 1e-6
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, -0.1, 1.5])
+def test_jsd_beta_must_be_inside(beta):
+    with pytest.raises(ValueError, match="jsd_beta"):
+        soft_loss(logits(3, 5), logits(3, 5), kind="jsd", jsd_beta=beta)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="unknown kd loss"):
+        soft_loss(logits(3, 5), logits(3, 5), kind="kl")
+    with pytest.raises(ValueError, match="vocab_size"):
+        soft_loss(logits(3, 5), logits(3, 4), vocab_size=5)
+    with pytest.raises(ValueError, match="mask"):
+        soft_loss(logits(3, 5), logits(3, 5), mask=torch.ones(4))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk", [1, 3, 4, 7])
+def test_chunked_equals_unchunked(kind, chunk):
+    # B=2, T=5 -> N=10 rows; no chunk size divides it except 1. Student padded 13, teacher 11.
+    s, t = logits(2, 5, 13, seed=6), logits(2, 5, 11, seed=7)
+    mask = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 0, 1]], dtype=torch.bool)
+    kw = dict(kind=kind, temperature=2.0, jsd_beta=0.3, mask=mask, vocab_size=11)
+    ref, ref_grad = value_and_grad(s, t, **kw)
+    got, got_grad = value_and_grad(s, t, chunk_size=chunk, **kw)
+    assert abs(got - ref) < 1e-6
+    assert torch.allclose(got_grad, ref_grad, atol=1e-6, rtol=0)
+    assert ref_grad.abs().max() > 1e-3  # the comparison is not of two zero tensors
+    # the analytic gradient follows the upstream gradient (here loss * 3)
+    s2 = s.clone().requires_grad_(True)
+    (3 * soft_loss(s2, t, chunk_size=chunk, **kw)).backward()
+    assert torch.allclose(s2.grad, 3 * ref_grad, atol=3e-6, rtol=0)
+
+
+def test_chunked_bf16_gradient_kept_in_bf16():
+    s, t = logits(10, 11, seed=8).bfloat16(), logits(10, 11, seed=9).bfloat16()
+    ref, ref_grad = value_and_grad(s.float(), t)
+    got, got_grad = value_and_grad(s, t, chunk_size=3)
+    assert got.dtype == torch.float32 and got_grad.dtype == torch.bfloat16
+    assert abs(got - ref) < 1e-5
+    assert torch.allclose(got_grad.float(), ref_grad, atol=1e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_padded_columns_never_matter(kind, chunk):
+    s, t = logits(7, 13, seed=10), logits(7, 11, seed=11)
+    kw = dict(kind=kind, vocab_size=11, chunk_size=chunk)
+    a, ga = value_and_grad(s, t, **kw)
+    s2 = s.clone()
+    s2[:, 11:] = 1e4  # would dominate any softmax that saw them
+    b, gb = value_and_grad(s2, t, **kw)
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+    assert torch.all(ga[:, 11:] == 0)
+    # without vocab_size the narrower width (the teacher's) is the real vocab
+    assert torch.equal(soft_loss(s2, t, kind=kind, chunk_size=chunk), a)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_masked_positions_do_not_matter(kind, chunk):
+    s, t = logits(2, 4, 11, seed=12), logits(2, 4, 11, seed=13)
+    mask = torch.tensor([[1, 0, 1, 1], [0, 0, 1, 0]])
+    kw = dict(kind=kind, mask=mask, chunk_size=chunk)
+    a, ga = value_and_grad(s, t, **kw)
+    s2, t2 = s.clone(), t.clone()
+    s2[mask == 0], t2[mask == 0] = 50.0, -50.0
+    b, gb = value_and_grad(s2, t2, **kw)
+    assert abs(a - b) < 1e-6 and torch.allclose(ga, gb, atol=1e-7)
+    assert torch.all(ga[mask == 0] == 0)
+    # a fully masked duplicate sequence of garbage changes nothing: the mean is per counted token
+    s3, t3 = torch.cat([s, logits(2, 4, 11, seed=14)]), torch.cat([t, logits(2, 4, 11, seed=15)])
+    m3 = torch.cat([mask, torch.zeros_like(mask)])
+    c, _ = value_and_grad(s3, t3, kind=kind, mask=m3, chunk_size=chunk)
+    assert abs(a - c) < 1e-6
+
+
+def test_mean_is_per_token_not_per_sequence():
+    # sequence 0 counts 1 token, sequence 1 counts 4: a per-sequence mean would weight them 1:1
+    s, t = logits(2, 4, 11, seed=16), logits(2, 4, 11, seed=17)
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1]])
+    got = soft_loss(s, t, temperature=1.0, mask=mask)
+    assert got.item() == pytest.approx(brute(s.view(8, 11), t.view(8, 11), "forward_kl", 1.0,
+                                             mask=mask.view(-1)), rel=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_nothing_counted_is_zero_with_a_graph(chunk):
+    s, t = logits(2, 3, 11, seed=18), logits(2, 3, 11, seed=19)
+    loss, grad = value_and_grad(s, t, mask=torch.zeros(2, 3), chunk_size=chunk)
+    assert loss.item() == 0.0 and torch.all(grad == 0)
+    h = logits(2, 3, 8).requires_grad_(True)
+    c = cosine_loss(h, logits(2, 3, 8, seed=1), mask=torch.zeros(2, 3))
+    c.backward()
+    assert c.item() == 0.0 and torch.all(h.grad == 0)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_teacher_gets_no_gradient(chunk):
+    s, t = logits(5, 11).requires_grad_(True), logits(5, 11, seed=1).requires_grad_(True)
+    soft_loss(s, t, kind="jsd", chunk_size=chunk).backward()
+    assert t.grad is None and s.grad is not None
+
+
+def test_chunked_without_grad_gives_the_same_value():
+    s, t = logits(7, 11, seed=20), logits(7, 11, seed=21)
+    with torch.no_grad():
+        assert abs(soft_loss(s, t, kind="reverse_kl", chunk_size=3)
+                   - soft_loss(s, t, kind="reverse_kl")) < 1e-6
+
+
+def _saved_bytes(fn):
+    """Bytes autograd keeps for backward: what stays alive between forward and backward."""
+    total = [0]
+
+    def pack(x):
+        total[0] += x.numel() * x.element_size()
+        return x
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        fn()
+    return total[0]
+
+
+def test_chunking_saves_only_the_student_gradient():
+    N, Vp, V = 64, 40, 37
+    s, t = logits(N, Vp, seed=22).requires_grad_(True), logits(N, V, seed=23)
+    for kind in KINDS:
+        chunked = _saved_bytes(lambda: soft_loss(s, t, kind=kind, vocab_size=V, chunk_size=8))
+        plain = _saved_bytes(lambda: soft_loss(s, t, kind=kind, vocab_size=V))
+        assert chunked == N * Vp * 4  # one float32 gradient the size of the student logits
+        assert plain >= 2 * N * V * 4  # autograd keeps float32 log-probs of both sides
+
+
+def test_hard_loss_is_cross_entropy():
+    x = logits(2, 6, 11, seed=24)
+    y = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(0))
+    ref = F.cross_entropy(x.view(-1, 11), y.view(-1))
+    assert torch.allclose(hard_loss(x, y), ref, atol=1e-6)
+    ls = F.cross_entropy(x.view(-1, 11), y.view(-1), label_smoothing=0.1)
+    assert torch.allclose(hard_loss(x, y, label_smoothing=0.1), ls, atol=1e-6)
+    # padded columns are never seen, -1 targets and mask-0 positions do not count
+    xp = torch.cat([x, torch.full((2, 6, 3), 1e4)], dim=-1)
+    y2 = y.clone()
+    y2[0, :2] = -1
+    mask = torch.ones(2, 6)
+    mask[1, 3] = 0
+    keep = (y2 != -1) & (mask > 0)
+    ref = F.cross_entropy(x[keep], y[keep])
+    assert torch.allclose(hard_loss(xp, y2, vocab_size=11, mask=mask), ref, atol=1e-6)
+    positional = hard_loss(xp, y2, 11, 0.0)  # the (vocab_size, label_smoothing) order callers use
+    assert torch.allclose(positional, F.cross_entropy(x[y2 != -1], y[y2 != -1]), atol=1e-6)
+    zero = hard_loss(x.requires_grad_(True), torch.full((2, 6), -1))
+    assert zero.item() == 0.0
+    zero.backward()
+
+
+def test_hard_loss_bf16_in_float32():
+    x, y = logits(4, 11, seed=25).bfloat16(), torch.tensor([0, 3, 10, 5])
+    got = hard_loss(x, y)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, F.cross_entropy(x.float(), y), atol=1e-6)
+
+
+def test_cosine_loss():
+    a, b = logits(2, 3, 8, seed=26), logits(2, 3, 8, seed=27)
+    ref = sum(1 - (u @ v) / (u.norm() * v.norm()) for u, v in zip(a.view(-1, 8), b.view(-1, 8))) / 6
+    assert torch.allclose(cosine_loss(a, b), ref, atol=1e-6)
+    assert cosine_loss(a, 2 * a).item() == pytest.approx(0.0, abs=1e-6)
+    mask = torch.tensor([[1, 0, 0], [0, 0, 1]])
+    cos = F.cosine_similarity
+    ref = (2 - cos(a[0, 0], b[0, 0], dim=0) - cos(a[1, 2], b[1, 2], dim=0)) / 2
+    assert torch.allclose(cosine_loss(a, b, mask), ref, atol=1e-6)
+    with pytest.raises(ValueError, match="widths"):
+        cosine_loss(a, logits(2, 3, 9))
