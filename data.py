@@ -92,25 +92,33 @@ def _windows_at(tokens, mask, starts, T):
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def windows(tokens, block_size, batch_size, stride=None, mask=None):
-    """Every target of a 1-D token array scored exactly once, in batches of (x, y) windows of
-    block_size. Consecutive windows start `stride` apart, so each target after the first window
-    is predicted with at least block_size - stride tokens of history; y = -1 where an earlier
-    window already scored the target (and where the mask excludes it)."""
-    stride = block_size if stride is None else stride
-    if not 0 < stride <= block_size:
-        raise UserError(f"stride={stride} must be between 1 and the context {block_size}")
-    n = len(tokens) - 1  # targets
-    T = min(block_size, n)
-    starts, skips = [], []
-    pos = 0  # first target not yet scored
-    while pos < n:
-        s = max(0, min(pos - (T - stride), n - T))
-        starts.append(s)
-        skips.append(pos - s)
-        pos = s + T
-    for i in range(0, len(starts), batch_size):
-        x, y = _windows_at(tokens, mask, starts[i:i + batch_size], T)
-        for r, skip in enumerate(skips[i:i + batch_size]):
-            y[r, :skip] = -1
-        yield x, y
+class windows:
+    """Every target of a 1-D token array scored exactly once, as batches of (x, y) windows of
+    block_size (len() = number of batches). Consecutive windows start `stride` apart, so each
+    target after the first window is predicted with at least block_size - stride tokens of
+    history; y = -1 where an earlier window already scored the target (or the mask excludes it)."""
+
+    def __init__(self, tokens, block_size, batch_size, stride=None, mask=None):
+        stride = block_size if stride is None else stride
+        if not 0 < stride <= block_size:
+            raise UserError(f"stride={stride} must be between 1 and the context {block_size}")
+        self.tokens, self.mask, self.batch_size = tokens, mask, batch_size
+        n = len(tokens) - 1  # targets
+        self.T = min(block_size, n)
+        self.starts, self.skips = [], []
+        pos = 0  # first target not yet scored
+        while pos < n:
+            s = max(0, min(pos - (self.T - stride), n - self.T))
+            self.starts.append(s)
+            self.skips.append(pos - s)
+            pos = s + self.T
+
+    def __len__(self):
+        return -(-len(self.starts) // self.batch_size)
+
+    def __iter__(self):
+        for i in range(0, len(self.starts), self.batch_size):
+            x, y = _windows_at(self.tokens, self.mask, self.starts[i:i + self.batch_size], self.T)
+            for r, skip in enumerate(self.skips[i:i + self.batch_size]):
+                y[r, :skip] = -1
+            yield x, y

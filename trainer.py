@@ -189,13 +189,17 @@ def estimate_loss(model, data, cfg, rt, split):
 
 
 @torch.no_grad()
-def tokens_loss(model, tokens, block_size, batch_size, device="cpu", autocast=None, stride=None, mask=None):
+def tokens_loss(model, tokens, block_size, batch_size, device="cpu", autocast=None, stride=None,
+                mask=None, progress=False):
     """Exact token-weighted CE over every target of a token array: (mean loss, tokens scored)."""
+    from tqdm import tqdm
+
     from data import windows
     model.eval()
     total, count = 0.0, 0
     V = model.config.vocab_size
-    for x, y in windows(tokens, block_size, batch_size, stride, mask):
+    batches = windows(tokens, block_size, batch_size, stride, mask)
+    for x, y in tqdm(batches, unit="batch", leave=False, dynamic_ncols=True, disable=not progress):
         x, y = x.to(device), y.to(device)
         with autocast or contextlib.nullcontext():
             logits, _ = model(x)

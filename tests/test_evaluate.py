@@ -1,89 +1,185 @@
-"""evaluate.py: every token scored once, equal to brute force, and the CLI on our and HF models."""
+"""evaluate.py: every token scored once, equal to a per-position brute force, and the CLI on our
+checkpoints, HF folders and text files."""
 import json
+import sys
+import types
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import save
-from conftest import run_script
-from evaluate import evaluate_model
+from checkpoint import load_model
+from conftest import make_char_dataset, run_script
+from data import BinDataset
+from evaluate import evaluate_model, wikitext_text
 from model import GPT, GPTConfig
+
+V = 40
+TOKENS = np.random.default_rng(0).integers(0, V, size=203)
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=40)).eval()
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=V)).eval()
 
 
-TOKENS = np.random.default_rng(0).integers(0, 40, size=203)
-
-
-def brute_force(model, tokens, context):
-    """Each target predicted from the longest history the context allows, one forward per target."""
-    nll = []
-    for t in range(len(tokens) - 1):
-        ctx = torch.tensor(tokens[max(0, t + 1 - context):t + 1])[None]
+def reference_nll(logits_of, tokens, context, stride):
+    """Per-target NLL straight from the definition, one forward pass per target: windows of
+    `context` tokens start at 0, stride, 2*stride, ... (the last moved back to end at the text's
+    end) and each target is scored by the first window holding it, from that window's start."""
+    n = len(tokens) - 1
+    T = min(context, n)
+    nll, history = [], []
+    for t in range(n):  # target tokens[t + 1], predicted after tokens[s..t]
+        k = 0
+        while min(k * stride, n - T) + T <= t:
+            k += 1
+        s = min(k * stride, n - T)
         with torch.no_grad():
-            logp = F.log_softmax(model(ctx)[0][0, -1, :40], -1)
-        nll.append(-logp[tokens[t + 1]].item())
-    return np.array(nll)
+            logits = logits_of(torch.tensor(np.asarray(tokens[s:t + 1], dtype=np.int64))[None])
+        nll.append(-F.log_softmax(logits[0, -1].double(), -1)[int(tokens[t + 1])].item())
+        history.append(t - s)
+    return np.array(nll), np.array(history)
 
 
-def test_stride_one_equals_brute_force(tiny):
-    r = evaluate_model(tiny, TOKENS, 16, 1, 8, "cpu")
-    ref = brute_force(tiny, TOKENS, 16)
-    assert r["tokens"] == len(TOKENS) - 1
-    assert abs(r["loss"] - ref.mean()) < 1e-5
+def ours(model, vocab_size):
+    return lambda x: model(x)[0][..., :vocab_size]
 
 
-def test_non_overlapping_equals_stride_context(tiny):
-    a = evaluate_model(tiny, TOKENS, 16, 16, 4, "cpu")
-    # independent reference: consecutive chunks of 16 targets, each from the start of its chunk
-    nll = []
-    for s in range(0, len(TOKENS) - 1, 16):
-        x = torch.tensor(TOKENS[s:s + 16])[None]
-        y = torch.tensor(TOKENS[s + 1:s + 17])
-        x = x[:, :len(y)]
-        with torch.no_grad():
-            nll += F.cross_entropy(tiny(x)[0][0, :, :40], y, reduction="none").tolist()
-    # the last partial chunk is scored inside a full window that ends at the text's end: more history
-    assert a["tokens"] == len(TOKENS) - 1 == len(nll)
-    head = (len(TOKENS) - 1) // 16 * 16
-    b = evaluate_model(tiny, TOKENS[:head + 1], 16, 16, 4, "cpu")
-    assert abs(b["loss"] - np.mean(nll[:head])) < 1e-6
-
-
-@pytest.mark.parametrize("stride", [3, 8, 15])
-def test_sliding_scores_each_token_once_with_history(tiny, stride):
+@pytest.mark.parametrize("stride", [1, 3, 8, 15, 16])
+def test_sliding_window_equals_per_position_brute_force(tiny, stride):
     r = evaluate_model(tiny, TOKENS, 16, stride, 5, "cpu")
-    assert r["tokens"] == len(TOKENS) - 1
-    # every window after the first keeps at least context - stride tokens of history: never worse
-    # than the non-overlapping score by much, and bounded by the full-history brute force
-    full = brute_force(tiny, TOKENS, 16).mean()
-    assert r["loss"] >= full - 0.05
+    ref, history = reference_nll(ours(tiny, V), TOKENS, 16, stride)
+    assert r["tokens"] == len(TOKENS) - 1  # every target once
+    assert abs(r["loss"] - ref.mean()) < 1e-5
+    assert abs(r["ppl"] - np.exp(ref.mean())) < 1e-3 * r["ppl"]
+    # the definition's guarantee, checked on the reference itself
+    assert (history[:16] == np.arange(16)).all() and (history[16:] >= 16 - stride).all()
 
 
-def test_cli_on_checkpoint_and_hf_folder(tmp_path, char_data):
-    transformers = pytest.importorskip("transformers")
+def test_stride_equal_to_context_is_non_overlapping(tiny):
+    a = evaluate_model(tiny, TOKENS, 16, 16, 4, "cpu")
+    assert evaluate_model(tiny, TOKENS, 16, 0, 3, "cpu")["loss"] == pytest.approx(a["loss"], abs=1e-6)
+    assert evaluate_model(tiny, TOKENS, 0, 0, 4, "cpu")["block_size"] == 16  # 0 = the model's own
+    # independent reference: consecutive chunks of 16 targets, each scored from its chunk's start
+    head = (len(TOKENS) - 1) // 16 * 16
+    nll = []
+    for s in range(0, head, 16):
+        with torch.no_grad():
+            logits = tiny(torch.tensor(TOKENS[s:s + 16])[None])[0][0, :, :V]
+        nll += F.cross_entropy(logits, torch.tensor(TOKENS[s + 1:s + 17]), reduction="none").tolist()
+    b = evaluate_model(tiny, TOKENS[:head + 1], 16, 16, 4, "cpu")
+    assert b["tokens"] == head and abs(b["loss"] - np.mean(nll)) < 1e-6
+    assert a["loss"] != b["loss"]  # the tail beyond the last full chunk is scored too
+
+
+def test_progress_bar_leaves_the_loss_alone(tiny, monkeypatch):
+    import tqdm
+    monkeypatch.setattr(tqdm.tqdm, "update", lambda self, n=1: True)  # as when the bar redraws
+    a = evaluate_model(tiny, TOKENS, 16, 4, 8, "cpu", progress=True)
+    b = evaluate_model(tiny, TOKENS, 16, 4, 8, "cpu")
+    assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) < 1e-6
+    assert not tiny._forward_pre_hooks  # removed again
+
+
+def test_text_shorter_than_context(tiny):
+    r = evaluate_model(tiny, TOKENS[:6], 16, 8, 4, "cpu")
+    ref, _ = reference_nll(ours(tiny, V), TOKENS[:6], 16, 8)
+    assert r["tokens"] == 5 and abs(r["loss"] - ref.mean()) < 1e-5
+
+
+def test_whole_masked_split_equals_brute_force_sum(tmp_path):
+    text = "".join(np.random.default_rng(1).choice(list("abcdefgh \n"), size=700))
+    folder = make_char_dataset(str(tmp_path / "d"), text, val_fraction=0.3)
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    rng = np.random.default_rng(2)
+    for split in ("train", "val"):
+        n = meta[f"{split}_tokens"]
+        rng.integers(0, 2, size=n).astype(np.uint8).tofile(tmp_path / "d" / f"{split}.mask.bin")
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(dict(meta, has_mask=True)))
+    data = BinDataset(folder)
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=data.vocab_size)).eval()
+    r = evaluate_model(model, data, 16, 0, 4, "cpu", split="val")
+    tokens, mask = np.asarray(data.tokens["val"]), np.asarray(data.masks["val"])
+    nll, _ = reference_nll(ours(model, data.vocab_size), tokens, 16, 16)
+    scored = mask[1:] == 1  # targets whose mask is 0 (e.g. prompts) are not scored
+    assert r["tokens"] == scored.sum() and abs(r["loss"] - nll[scored].sum() / scored.sum()) < 1e-5
+
+
+def test_cli_on_our_checkpoint(tmp_path, char_data):
     run_script("train.py", f"dataset={char_data}", f"out_dir={tmp_path / 'ours'}", "n_layer=1", "n_head=2",
                "n_embd=32", "block_size=32", "batch_size=4", "max_iters=3", "eval_iters=1")
-    p = run_script("evaluate.py", f"models=mine={tmp_path / 'ours'}", f"dataset={char_data}",
-                   f"out={tmp_path / 'e.json'}")
-    res = json.loads((tmp_path / "e.json").read_text())["results"]["mine"]
+    p = run_script("evaluate.py", f"models=mine={tmp_path / 'ours'},again={tmp_path / 'ours'}",
+                   f"dataset={char_data}", "stride=24", "batch_size=16", f"out={tmp_path / 'e.json'}")
+    saved = json.loads((tmp_path / "e.json").read_text())
+    res = saved["results"]
+    assert list(res) == ["mine", "again"] and saved["config"]["stride"] == 24
+    assert set(res["mine"]) == {"source", "params", "loss", "ppl", "tokens", "tok_s", "block_size", "stride"}
+    model, _, _ = load_model(str(tmp_path / "ours"))
+    direct = evaluate_model(model, BinDataset(char_data), 32, 24, 7, "cpu")
     val = np.fromfile(f"{char_data}/val.bin", dtype=np.uint16)
-    assert res["tokens"] == len(val) - 1 and res["ppl"] > 1 and "| mine |" in p.stdout
+    for r in res.values():
+        assert r["tokens"] == len(val) - 1 and (r["block_size"], r["stride"]) == (32, 24)
+        assert abs(r["loss"] - direct["loss"]) < 1e-5 and r["params"] == model.num_params() and r["tok_s"] > 0
+    assert "| mine |" in p.stdout and "| again |" in p.stdout and "| model | params | loss | PPL |" in p.stdout
+    assert "batch" in p.stderr  # the progress bar
+
+
+def test_cli_on_hf_folder_and_text_file(tmp_path, char_data):
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64))
     hf.save_pretrained(tmp_path / "hf")
-    (tmp_path / "t.txt").write_text("It was the best of times, it was the worst of times. " * 20)
-    run_script("evaluate.py", f"models={tmp_path / 'hf'}", f"text={tmp_path / 't.txt'}", "stride=32",
+    text = "It was the best of times, it was the worst of times. " * 12
+    (tmp_path / "t.txt").write_text(text)
+    run_script("evaluate.py", f"models={tmp_path / 'hf'}", f"text={tmp_path / 't.txt'}", "stride=40",
                f"out={tmp_path / 'h.json'}")
     r = json.loads((tmp_path / "h.json").read_text())["results"]["hf"]
     from tokenizer import get_tokenizer
-    assert r["tokens"] == len(get_tokenizer("gpt2").encode((tmp_path / "t.txt").read_text())) - 1
-    assert r["stride"] == 32 and r["block_size"] == 64
+    tokens = get_tokenizer("gpt2").encode(text)
+    assert r["tokens"] == len(tokens) - 1 and r["stride"] == 40 and r["block_size"] == 64
+    # the converted model through our windows equals transformers' own model, position by position
+    nll, _ = reference_nll(lambda x: hf.eval()(x).logits, np.array(tokens), 64, 40)
+    assert abs(r["loss"] - nll.mean()) < 1e-4
+    run_script("evaluate.py", f"models={tmp_path / 'hf'}", f"text={tmp_path / 't.txt'}",
+                   f"out={tmp_path / 'd.json'}")
+    assert json.loads((tmp_path / "d.json").read_text())["results"]["hf"]["stride"] == 64  # min(512, context)
     p = run_script("evaluate.py", f"models={tmp_path / 'hf'}", f"dataset={char_data}", check=False)
-    assert p.returncode == 2 and "uses tokenizer gpt2" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+    assert "uses tokenizer gpt2" in p.stderr and "prepared with char" in p.stderr
+
+
+def test_char_checkpoint_on_other_characters_refused(tmp_path, char_data):
+    torch.manual_seed(0)
+    chars = json.loads(open(f"{char_data}/meta.json").read())["chars"]
+    other = make_char_dataset(str(tmp_path / "other"), (chars[:-1] + "\u263a") * 30)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=len(chars)))
+    from checkpoint import save
+    save(dict(model=model.state_dict(), model_args=model.config.to_dict(), config={}, step=0,
+              tokenizer=BinDataset(char_data).tokenizer), str(tmp_path / "ck"), 0, 1, False)
+    p = run_script("evaluate.py", f"models={tmp_path / 'ck'}", f"dataset={other}", check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "same characters" in p.stderr
+
+
+def test_wikitext_offline_points_to_text(monkeypatch):
+    p = run_script("evaluate.py", "models=gpt2", "wikitext=wikitext-2-raw-v1", check=False,
+                   env=dict(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"))
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "text=" in p.stderr
+    # online, the rows are the raw file's lines with blank lines emptied: joined back to the file
+    rows = ["", " = Title = \n", "", " Body text . \n", ""]
+    fake = types.SimpleNamespace(load_dataset=lambda *a, split: {"text": rows})
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert wikitext_text("wikitext-2-raw-v1") == " \n = Title = \n \n Body text . \n \n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["models=a=x,a=y", "text=t"], "same name"),
+    (["models=gpt2"], "exactly one of"),
+    (["models=gpt2", "text=nope.txt"], "not found"),
+])
+def test_user_errors(args, message):
+    p = run_script("evaluate.py", *args, check=False)
+    assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1

@@ -1,0 +1,433 @@
+"""Speed and memory of a train step, a distill step and generation, against a peak measured on this
+machine and side by side with transformers' GPT2LMHeadModel in the same run.
+
+    python bench.py                                   # the 6x384 model, fp32 on CPU, bf16 on CUDA
+    python bench.py compile=True parts=train,distill
+    python bench.py dtype=bfloat16 n_layer=12 n_head=12 n_embd=768 block_size=1024 batch_size=16
+
+Each figure is the median of up to `repeats` timed calls after `warmup` untimed ones, with min and
+max. Variants compared by a ratio are timed round-robin in one loop, so a change in machine load
+(other processes on a shared CPU) falls on both sides alike; a loop stops early once its timed calls
+have taken max_time seconds (n in the table says how many ran). MFU = achieved / measured peak
+FLOP/s, with training FLOPs per token 6N + 12·L·C·T (N = parameters without the position table).
+
+Vocab: vocab_size is the tokenizer's; our model pads its embedding to a multiple of 64 as it does in
+training (50257 -> 50304), the transformers model uses vocab_size as is. Both compute the same loss
+over the real columns only, from the same batches, with the same AdamW and grad clipping.
+"""
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from configurator import UserError, run
+from losses import hard_loss
+from model import GPT, GPTConfig
+from trainer import Runtime, make_optimizer, measure_peak_flops
+
+DEFAULTS = dict(
+    n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8, vocab_size=50257,
+    teacher_n_layer=12, teacher_n_head=6, teacher_n_embd=384,  # the distill step's teacher
+    kd_chunk_rows=512,  # soft loss chunk for the distill step and the "chunked" memory variant
+    device="auto", dtype="auto", compile=False, threads=0,  # threads 0: torch's default
+    warmup=1, repeats=3, max_time=60.0,
+    gen_tokens=(128, 512), gen_batch=1, prompt_len=16,
+    parts="train,distill,generate,memory", hf=True, out="", seed=0,
+)
+PARTS = ("train", "distill", "generate", "memory")
+OPTIM = dict(learning_rate=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, layer_lr_decay=1.0)
+FLOP_FORMULA = "training FLOPs/token = 6N + 12*L*C*T (N: parameters minus position embeddings)"
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def student_config(cfg, block_size=None):
+    return GPTConfig(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
+                     block_size=block_size or cfg["block_size"], vocab_size=cfg["vocab_size"])
+
+
+def teacher_model(cfg, device):
+    teacher = GPT(GPTConfig(n_layer=cfg["teacher_n_layer"], n_head=cfg["teacher_n_head"],
+                            n_embd=cfg["teacher_n_embd"], block_size=cfg["block_size"],
+                            vocab_size=cfg["vocab_size"]))
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def hf_model(cfg, n_positions):
+    import transformers
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], n_positions=n_positions,
+        vocab_size=cfg["vocab_size"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        attn_implementation="sdpa"))
+
+
+def flops_per_token(model, T):
+    """6N + 12LCT for either implementation (our flops_per_token, counted the same way for HF)."""
+    if isinstance(model, GPT):
+        return model.flops_per_token(T)
+    c = model.config
+    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    return 6 * n + 12 * c.n_layer * c.n_embd * T
+
+
+def ce(cfg, hf=False):
+    V = cfg["vocab_size"]
+
+    def loss_fn(model, x, y):
+        if hf:  # the KV cache HF builds by default is of no use when training: leave it out
+            return hard_loss(model(x, use_cache=False).logits, y, V), {}
+        return hard_loss(model(x)[0], y, V), {}
+    return loss_fn
+
+
+def kd(cfg, teacher):
+    import distill
+    kd_cfg = dict(distill.DEFAULTS, kd_chunk_rows=cfg["kd_chunk_rows"])
+    return distill.kd_loss_fn(kd_cfg, teacher, cfg["vocab_size"])
+
+
+def make_step(model, loss_fn, x, y, rt):
+    """One training step as trainer.train takes it: forward, loss, backward, clip, AdamW."""
+    optimizer = make_optimizer(model, OPTIM, rt.device_type)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        with rt.autocast():
+            loss, _ = loss_fn(model, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step, optimizer
+
+
+def batch(cfg, device):
+    g = torch.Generator().manual_seed(cfg["seed"])
+    shape = (cfg["batch_size"], cfg["block_size"])
+    x = torch.randint(0, cfg["vocab_size"], shape, generator=g)
+    y = torch.randint(0, cfg["vocab_size"], shape, generator=g)
+    return x.to(device), y.to(device)
+
+
+def maybe_compile(model, cfg):
+    return torch.compile(model) if cfg["compile"] else model
+
+
+# ---------------------------------------------------------------- timing
+
+
+def timed(fns, cfg, sync, warm=None):
+    """{name: fn} -> {name: [seconds]}, timed round-robin (see the module docstring)."""
+    for _ in range(cfg["warmup"]):
+        for fn in (warm or fns).values():
+            fn()
+    times = {name: [] for name in fns}
+    spent = 0.0
+    for _ in range(cfg["repeats"]):
+        for name, fn in fns.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t)
+            spent += times[name][-1]
+        if spent >= cfg["max_time"]:
+            break
+    return times
+
+
+def summary(seconds, work=None):
+    """Median/min/max of a list of durations, or of work/duration when work is given."""
+    if work is None:
+        vals = dict(median=statistics.median(seconds), min=min(seconds), max=max(seconds))
+    else:
+        vals = dict(median=work / statistics.median(seconds), min=work / max(seconds), max=work / min(seconds))
+    return dict(vals, n=len(seconds), seconds=[round(s, 5) for s in seconds])
+
+
+# ---------------------------------------------------------------- the parts
+
+
+def bench_train(cfg, rt, sync, peak, hf_ok):
+    x, y = batch(cfg, rt.device)
+    T, tokens = cfg["block_size"], cfg["batch_size"] * cfg["block_size"]
+    models = {"ours": GPT(student_config(cfg)).to(rt.device)}
+    if hf_ok:
+        models["transformers"] = hf_model(cfg, T).to(rt.device)
+    steps = {name: make_step(maybe_compile(m, cfg), ce(cfg, hf=name != "ours"), x, y, rt)[0]
+             for name, m in models.items()}
+    times = timed(steps, cfg, sync)
+    result = {}
+    for name, m in models.items():
+        tok_s = summary(times[name], tokens)
+        fpt = flops_per_token(m, T)
+        result[name] = dict(tokens_per_s=tok_s, flops_per_token=fpt, params=sum(p.numel() for p in m.parameters()),
+                            mfu=dict(median=tok_s["median"] * fpt / peak, min=tok_s["min"] * fpt / peak,
+                                     max=tok_s["max"] * fpt / peak))
+    if hf_ok:
+        result["ratio_ours_over_hf"] = result["ours"]["tokens_per_s"]["median"] / \
+            result["transformers"]["tokens_per_s"]["median"]
+    return result
+
+
+def bench_distill(cfg, rt, sync):
+    x, y = batch(cfg, rt.device)
+    tokens = cfg["batch_size"] * cfg["block_size"]
+    torch.manual_seed(cfg["seed"])
+    teacher = maybe_compile(teacher_model(cfg, rt.device), cfg)
+    distilled = maybe_compile(GPT(student_config(cfg)).to(rt.device), cfg)
+    plain = maybe_compile(GPT(student_config(cfg)).to(rt.device), cfg)
+
+    @torch.no_grad()
+    def teacher_forward():
+        with rt.autocast():
+            teacher(x, return_hidden=True)  # the call kd_loss_fn makes
+
+    fns = {"distill_step": make_step(distilled, kd(cfg, teacher), x, y, rt)[0],
+           "student_step": make_step(plain, ce(cfg), x, y, rt)[0],
+           "teacher_forward": teacher_forward}
+    times = timed(fns, cfg, sync)
+    result = {name: dict(seconds=summary(t), tokens_per_s=summary(t, tokens)) for name, t in times.items()}
+    parts = statistics.median(times["student_step"]) + statistics.median(times["teacher_forward"])
+    result["ratio_distill_over_sum"] = statistics.median(times["distill_step"]) / parts
+    result["kd"] = dict(loss="hybrid forward_kl (distill.DEFAULTS)", kd_chunk_rows=cfg["kd_chunk_rows"],
+                        rows=tokens, chunked=cfg["kd_chunk_rows"] < tokens)
+    return result
+
+
+def bench_generate(cfg, rt, sync, hf_ok):
+    # a context of at least 1024 so the longest run never slides its window
+    block = max(1024, cfg["prompt_len"] + max(cfg["gen_tokens"]))
+    torch.manual_seed(cfg["seed"])
+    ours = GPT(student_config(cfg, block)).to(rt.device).eval()
+    hf = hf_model(cfg, block).to(rt.device).eval() if hf_ok else None
+    g = torch.Generator().manual_seed(cfg["seed"])
+    prompt = torch.randint(0, cfg["vocab_size"], (cfg["gen_batch"], cfg["prompt_len"]), generator=g).to(rt.device)
+
+    def runs(n):
+        fns = {"kv_cache": lambda: ours.generate(prompt, n, temperature=0),
+               "full_recompute": lambda: ours.generate(prompt, n, temperature=0, use_cache=False)}
+        if hf is not None:
+            # min_new_tokens keeps a randomly initialised model from stopping at its EOS token
+            fns["transformers"] = lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                                      max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                      use_cache=True, pad_token_id=0)
+        return fns
+
+    result = {}
+    with torch.no_grad(), rt.autocast():
+        for name, fn in runs(2).items():
+            length = fn().shape[1]
+            assert length == cfg["prompt_len"] + 2, f"{name} returned {length} tokens, not prompt + 2"
+        for n in cfg["gen_tokens"]:
+            # warm-up with short runs: the kernels are the same, and a full-length untimed recompute
+            # would double the cost of the slowest row
+            times = timed(runs(n), cfg, sync, warm=runs(min(n, 8)))
+            row = {name: summary(t, n * cfg["gen_batch"]) for name, t in times.items()}
+            kv = row["kv_cache"]["median"]
+            row["ratio_kv_over_recompute"] = kv / row["full_recompute"]["median"]
+            if hf is not None:
+                row["ratio_kv_over_hf"] = kv / row["transformers"]["median"]
+            result[str(n)] = row
+    return dict(block_size=block, prompt_len=cfg["prompt_len"], batch=cfg["gen_batch"], greedy=True,
+                compiled=False, new_tokens=result)
+
+
+def bench_memory(cfg, rt):
+    rows = cfg["batch_size"] * cfg["block_size"]
+    if cfg["kd_chunk_rows"] >= rows:
+        raise UserError(f"kd_chunk_rows={cfg['kd_chunk_rows']} is not below batch_size*block_size={rows}: "
+                        f"the chunked memory variant would not chunk; lower kd_chunk_rows")
+    result = {}
+    for variant in ("ce", "chunked", "unchunked"):
+        child = dict(cfg, device=rt.device, dtype=rt.dtype, variant=variant)
+        p = subprocess.run([sys.executable, "-c", "import sys, bench; bench.memory_child(sys.argv[1])",
+                            json.dumps(child)], cwd=os.path.dirname(os.path.abspath(__file__)),
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"memory variant {variant} failed:\n{p.stderr[-3000:]}")
+        result[variant] = json.loads(p.stdout.strip().splitlines()[-1])
+    ce_peak = result["ce"]["step_bytes"]
+    result["ratio_chunked_over_ce"] = result["chunked"]["step_bytes"] / ce_peak
+    result["ratio_unchunked_over_ce"] = result["unchunked"]["step_bytes"] / ce_peak
+    result["method"] = result["ce"]["method"]
+    result["compiled"] = False  # eager in every case: compiling three fresh processes costs minutes
+    return result
+
+
+def memory_child(cfg_json):
+    """One step of one variant in a fresh process: the bytes it needs above the resident model,
+    teacher and optimizer state. On CPU a process's peak RSS is the only honest figure for what
+    a step touches, and it cannot be reset for a single variant other than by a fresh process."""
+    cfg = json.loads(cfg_json)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    rt = Runtime(dict(cfg))
+    x, y = batch(cfg, rt.device)
+    torch.manual_seed(cfg["seed"])
+    student = GPT(student_config(cfg)).to(rt.device)
+    if cfg["variant"] == "ce":
+        step, optimizer = make_step(student, ce(cfg), x, y, rt)
+    else:
+        if cfg["variant"] == "unchunked":
+            cfg["kd_chunk_rows"] = 1 << 62
+        step, optimizer = make_step(student, kd(cfg, teacher_model(cfg, rt.device)), x, y, rt)
+    # AdamW allocates its moments on the first step: make them resident before the baseline
+    for p in student.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    base, method = _memory_baseline(rt)
+    step()
+    peak = _memory_peak(rt, method)
+    print(json.dumps(dict(step_bytes=peak - base, baseline_bytes=base, method=method)))
+
+
+def _memory_baseline(rt):
+    if rt.device_type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated(), "cuda max_memory_allocated - memory_allocated before the step"
+    try:
+        # "5" resets the peak-RSS mark (Linux >= 4.0); ru_maxrss of a child process can instead
+        # hold its parent's peak, inherited through fork/exec
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status("VmRSS"), "VmHWM after the step - VmRSS before it (peak mark reset at the baseline)"
+    except OSError:
+        return _rss_now_fallback(), "ru_maxrss after the step - ru_maxrss before it"
+
+
+def _memory_peak(rt, method):
+    if rt.device_type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return _proc_status("VmHWM") if method.startswith("VmHWM") else _rss_now_fallback()
+
+
+def _proc_status(key):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+
+
+def _rss_now_fallback():
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+# ---------------------------------------------------------------- report
+
+
+def _fmt_rate(s, pct=False):
+    f = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:,.1f}")
+    return f"{f(s['median']):>12} {f(s['min']):>12} {f(s['max']):>12}"
+
+
+def report(res):
+    lines = [f"device {res['env']['device']} ({res['env']['cpu']}), {res['env']['dtype']}, "
+             f"compile={res['config']['compile']}, threads {res['env']['threads']}, "
+             f"load avg {res['env']['load_avg_start']} -> {res['env']['load_avg_end']}",
+             f"measured peak {res['peak_flops'] / 1e9:,.1f} GFLOP/s ({res['peak_method']}); {FLOP_FORMULA}"]
+    head = f"{'':38}{'median':>12} {'min':>12} {'max':>12}  n"
+    if "train" in res:
+        r = res["train"]
+        lines += ["", f"train step (B={res['config']['batch_size']}, T={res['config']['block_size']})", head]
+        for name in ("ours", "transformers"):
+            if name in r:
+                lines.append(f"  {name + ' tokens/s':36}{_fmt_rate(r[name]['tokens_per_s'])}  {r[name]['tokens_per_s']['n']}")
+                lines.append(f"  {name + ' MFU':36}{_fmt_rate(r[name]['mfu'], pct=True)}")
+        if "ratio_ours_over_hf" in r:
+            lines.append(f"  ours / transformers tokens/s: {r['ratio_ours_over_hf']:.2f}x")
+    if "distill" in res:
+        r = res["distill"]
+        lines += ["", f"distill step (teacher {res['config']['teacher_n_layer']}x{res['config']['teacher_n_embd']}, "
+                      f"kd_chunk_rows={r['kd']['kd_chunk_rows']} of {r['kd']['rows']} rows)",
+                  head.replace("median", "s median")]
+        for name in ("distill_step", "student_step", "teacher_forward"):
+            s = r[name]["seconds"]
+            lines.append(f"  {name:36}{s['median']:>12.3f} {s['min']:>12.3f} {s['max']:>12.3f}  {s['n']}")
+        lines.append(f"  distill / (student step + teacher forward): {r['ratio_distill_over_sum']:.3f}")
+    if "memory" in res:
+        r = res["memory"]
+        lines += ["", f"peak memory of one step above the resident model and optimizer ({r['method']})"]
+        for name in ("ce", "chunked", "unchunked"):
+            lines.append(f"  {name:36}{r[name]['step_bytes'] / 2**20:>12,.0f} MiB")
+        lines.append(f"  chunked / CE {r['ratio_chunked_over_ce']:.2f}x, unchunked / CE {r['ratio_unchunked_over_ce']:.2f}x")
+    if "generate" in res:
+        r = res["generate"]
+        lines += ["", f"generation tokens/s (greedy, batch {r['batch']}, prompt {r['prompt_len']}, "
+                      f"block_size {r['block_size']}, eager)", head]
+        for n, row in r["new_tokens"].items():
+            for name in ("kv_cache", "full_recompute", "transformers"):
+                if name in row:
+                    lines.append(f"  {n + ' new, ' + name:36}{_fmt_rate(row[name])}  {row[name]['n']}")
+            ratios = f"  {n} new: kv / recompute {row['ratio_kv_over_recompute']:.1f}x"
+            if "ratio_kv_over_hf" in row:
+                ratios += f", kv / transformers {row['ratio_kv_over_hf']:.2f}x"
+            lines.append(ratios)
+    return "\n".join(lines)
+
+
+def main(cfg):
+    parts = [p.strip() for p in cfg["parts"].split(",") if p.strip()]
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise UserError(f"parts={cfg['parts']!r}: choose from {','.join(PARTS)}")
+    gen = cfg["gen_tokens"]
+    cfg["gen_tokens"] = [int(n) for n in (gen if isinstance(gen, (tuple, list)) else [gen])]
+    if cfg["warmup"] < 0 or min(cfg["repeats"], cfg["gen_batch"], cfg["prompt_len"], *cfg["gen_tokens"]) < 1:
+        raise UserError("warmup must be >= 0; repeats, gen_batch, prompt_len and gen_tokens >= 1")
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    rt = Runtime(cfg)
+    if rt.dtype == "float16":
+        raise UserError("dtype=float16 would need a grad scaler: use float32 or bfloat16")
+    hf_ok = cfg["hf"]
+    if hf_ok:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("transformers is not installed: the side-by-side columns are left out")
+            hf_ok = False
+    sync = torch.cuda.synchronize if rt.device_type == "cuda" else (lambda: None)
+    torch.manual_seed(cfg["seed"])
+    t0 = time.perf_counter()
+    res = dict(config=cfg, env=dict(
+        device=rt.device, dtype=rt.dtype, threads=torch.get_num_threads(), torch=torch.__version__,
+        transformers=__import__("transformers").__version__ if hf_ok else None,
+        cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+        load_avg_start=[round(v, 2) for v in os.getloadavg()]), flop_formula=FLOP_FORMULA)
+    res["peak_flops"] = measure_peak_flops(rt.device, getattr(torch, rt.dtype))
+    res["peak_method"] = f"best of 5 square {rt.dtype} matmuls, n=2048"
+    for part in PARTS:
+        if part not in parts:
+            continue
+        print(f"running {part} ...", flush=True)
+        if part == "train":
+            res["train"] = bench_train(cfg, rt, sync, res["peak_flops"], hf_ok)
+        elif part == "distill":
+            res["distill"] = bench_distill(cfg, rt, sync)
+        elif part == "generate":
+            res["generate"] = bench_generate(cfg, rt, sync, hf_ok)
+        else:
+            res["memory"] = bench_memory(cfg, rt)
+    res["env"]["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
+    res["wall_s"] = time.perf_counter() - t0
+    print(report(res))
+    out = cfg["out"] or os.path.join("out", "bench", time.strftime("%Y%m%d-%H%M%S") + ".json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {out} ({res['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    run(main, DEFAULTS)

@@ -1,0 +1,35 @@
+"""bench.py end to end on a tiny config: every section is measured and lands in the JSON."""
+import json
+
+from conftest import run_script
+
+TINY_BENCH = ["n_layer=2", "n_head=2", "n_embd=64", "block_size=32", "batch_size=2",
+              "teacher_n_layer=2", "teacher_n_head=2", "teacher_n_embd=64", "kd_chunk_rows=16",
+              "warmup=1", "repeats=1", "gen_tokens=8,", "prompt_len=4", "device=cpu", "dtype=float32"]
+
+
+def positive(d, *path):
+    for key in path:
+        d = d[key]
+    assert isinstance(d, (int, float)) and d > 0, f"{'.'.join(path)} = {d!r}"
+
+
+def test_bench_tiny_writes_every_section(tmp_path):
+    out = tmp_path / "bench.json"
+    p = run_script("bench.py", *TINY_BENCH, f"out={out}")
+    res = json.loads(out.read_text())
+    positive(res, "peak_flops")
+    for impl in ("ours", "transformers"):
+        positive(res, "train", impl, "tokens_per_s", "median")
+        positive(res, "train", impl, "mfu", "median")
+    positive(res, "train", "ratio_ours_over_hf")
+    for name in ("distill_step", "student_step", "teacher_forward"):
+        positive(res, "distill", name, "seconds", "median")
+    positive(res, "distill", "ratio_distill_over_sum")
+    assert res["distill"]["kd"]["chunked"]
+    for variant in ("ce", "chunked", "unchunked"):
+        positive(res, "memory", variant, "step_bytes")
+    for name in ("kv_cache", "full_recompute", "transformers"):
+        positive(res, "generate", "new_tokens", "8", name, "median")
+    positive(res, "generate", "new_tokens", "8", "ratio_kv_over_recompute")
+    assert "ours / transformers" in p.stdout and "chunked / CE" in p.stdout
