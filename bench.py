@@ -349,8 +349,7 @@ def report(res):
     if "distill" in res:
         r = res["distill"]
         lines += ["", f"distill step (teacher {res['config']['teacher_n_layer']}x{res['config']['teacher_n_embd']}, "
-                      f"kd_chunk_rows={r['kd']['kd_chunk_rows']} of {r['kd']['rows']} rows)",
-                  head.replace("median", "s median")]
+                      f"kd_chunk_rows={r['kd']['kd_chunk_rows']} of {r['kd']['rows']} rows), seconds", head]
         for name in ("distill_step", "student_step", "teacher_forward"):
             s = r[name]["seconds"]
             lines.append(f"  {name:36}{s['median']:>12.3f} {s['min']:>12.3f} {s['max']:>12.3f}  {s['n']}")

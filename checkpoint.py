@@ -57,6 +57,15 @@ def save(state, out_dir, step, keep_last=2, best=False):
     return path
 
 
+def clear(out_dir):
+    """Remove a previous run's checkpoints (overwrite=True): left in place, its higher steps would
+    outrank the new run's in keep_last pruning."""
+    names = glob.glob(os.path.join(out_dir, "ckpt_*.pt")) + [os.path.join(out_dir, n) for n in (LATEST, BEST)]
+    for path in names:
+        if os.path.lexists(path):
+            os.remove(path)
+
+
 def find(path):
     """A checkpoint file from a file or an out_dir."""
     if os.path.isdir(path):

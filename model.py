@@ -222,13 +222,18 @@ class GPT(nn.Module):
         """A local HF GPT-2 folder (config.json + model.safetensors or pytorch_model.bin), or a
         hub name such as gpt2-large when a network is there."""
         folder = name_or_dir if os.path.isdir(name_or_dir) else _download(name_or_dir)
-        with open(os.path.join(folder, "config.json")) as f:
-            hf = json.load(f)
+        path = os.path.join(folder, "config.json")
+        try:
+            with open(path) as f:
+                hf = json.load(f)
+            sizes = {ours: hf[theirs] for ours, theirs in (("n_layer", "n_layer"), ("n_head", "n_head"),
+                     ("n_embd", "n_embd"), ("block_size", "n_positions"), ("vocab_size", "vocab_size"))}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path} is not a GPT-2 config.json ({type(e).__name__}: {e}); "
+                            f"re-download or re-export it") from None
         if hf.get("model_type", "gpt2") != "gpt2":
             raise UserError(f"{folder}: model_type {hf.get('model_type')!r} is not GPT-2")
-        config = GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                           block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-                           pad_vocab_to=1, bias=True, dropout=dropout)
+        config = GPTConfig(**sizes, pad_vocab_to=1, bias=True, dropout=dropout)
         model = cls(config)
         sd = _load_hf_state_dict(folder)
         ours = model.state_dict()
@@ -286,8 +291,13 @@ def _load_hf_state_dict(folder):
     st = os.path.join(folder, "model.safetensors")
     binf = os.path.join(folder, "pytorch_model.bin")
     if os.path.exists(st):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        sd = load_file(st)
+        try:
+            sd = load_file(st)
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{st} is truncated or corrupt ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120]}); re-download or re-export it") from None
     elif os.path.exists(binf):
         # weights_only refuses pickled code: a .bin from the internet cannot run anything
         try:

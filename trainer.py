@@ -218,15 +218,22 @@ def split_loss(model, data, split, block_size, batch_size, device="cpu", autocas
 
 
 class Stop:
-    """SIGTERM/SIGINT ask the loop to checkpoint and exit after the current step."""
+    """SIGTERM/SIGINT ask the loop to checkpoint and exit after the current step; a second one
+    (e.g. torchrun giving up on a rank stuck in a collective) exits at once."""
 
     def __init__(self):
         self.signal = None
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._handle)
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
+        if self.signal is not None:
+            self.restore()
+            signal.raise_signal(signum)
         self.signal = signal.Signals(signum).name
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 class Metrics:
@@ -242,8 +249,15 @@ class Metrics:
         if resume_step is None:
             open(self.path, "w").close()
         elif os.path.exists(self.path):
+            keep = []
             with open(self.path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        break  # a torn last line: the process died mid-write
+                    if record["step"] <= resume_step:
+                        keep.append(line)
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(keep)
             os.replace(self.path + ".tmp", self.path)
@@ -255,6 +269,8 @@ class Metrics:
     def log(self, record):
         if not self.on:
             return
+        # non-finite values become null: JSON has no NaN
+        record = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
@@ -340,65 +356,69 @@ def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None):
                mininterval=1.0, desc=os.path.basename(cfg["out_dir"].rstrip("/")))
     bad_steps = 0
     t_last, last_logged = time.perf_counter(), step
-    model.train()
-    while step < cfg["max_iters"]:
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        loss_sum, parts_sum = 0.0, {}
-        for micro in range(micro_steps):
-            x, y = data.batch("train", cfg["batch_size"], cfg["block_size"], cfg["seed"], step,
-                              micro, rt.world, rt.rank)
-            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-            sync = not rt.ddp or micro == micro_steps - 1  # all-reduce once per step, not per micro
-            with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast():
-                loss, parts = loss_fn(model, x, y)
-            scaler.scale(loss / micro_steps).backward()
-            loss_sum += loss.item() / micro_steps
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / micro_steps
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or float("inf"))
-        # one all-reduce gives every rank the same loss and the same stop decision
-        loss_all, stopping = rt.all_mean(loss_sum, float(stop.signal is not None))
-        if math.isfinite(loss_all) and torch.isfinite(norm):
-            scaler.step(optimizer)
-            bad_steps = 0
-        else:
-            bad_steps += 1
-            metrics.log(dict(step=step + 1, skipped=True, loss=loss_all, grad_norm=float(norm)))
-            if bad_steps > cfg["max_bad_steps"]:
-                raise UserError(f"{bad_steps} non-finite steps in a row at step {step + 1} (loss "
-                                f"{loss_all}, grad norm {float(norm)}): lower learning_rate or "
-                                f"check the data; the last good checkpoint is in {cfg['out_dir']}")
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
+    try:  # the signal handlers are ours only while the loop runs
+        model.train()
+        while step < cfg["max_iters"]:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            loss_sum, parts_sum = 0.0, {}
+            for micro in range(micro_steps):
+                x, y = data.batch("train", cfg["batch_size"], cfg["block_size"], cfg["seed"], step,
+                                  micro, rt.world, rt.rank)
+                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                sync = not rt.ddp or micro == micro_steps - 1  # all-reduce once per step, not per micro
+                with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast():
+                    loss, parts = loss_fn(model, x, y)
+                scaler.scale(loss / micro_steps).backward()
+                loss_sum += loss.item() / micro_steps
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / micro_steps
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or float("inf"))
+            # one all-reduce gives every rank the same loss and the same stop decision
+            loss_all, stopping = rt.all_mean(loss_sum, float(stop.signal is not None))
+            if math.isfinite(loss_all) and torch.isfinite(norm):
+                scaler.step(optimizer)
+                bad_steps = 0
+            else:
+                bad_steps += 1
+                metrics.log(dict(step=step + 1, skipped=True, bad_steps=bad_steps, loss=loss_all,
+                                 grad_norm=float(norm)))
+                if bad_steps > cfg["max_bad_steps"]:
+                    raise UserError(f"{bad_steps} non-finite steps in a row at step {step + 1} (loss "
+                                    f"{loss_all}, grad norm {float(norm)}): lower learning_rate or "
+                                    f"check the data; the last good checkpoint is in {cfg['out_dir']}")
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
 
-        if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
-            now = time.perf_counter()
-            dt = (now - t_last) / (step - last_logged)
-            last_logged, t_last = step, now
-            tok_s = tokens_per_step / dt
-            mfu = flops_per_step / dt / peak if peak else 0.0
-            record = dict(step=step, loss=loss_all, lr=lr, grad_norm=float(norm), tok_s=tok_s, mfu=mfu,
-                          time=elapsed())
-            if parts_sum:
-                means = rt.all_mean(*parts_sum.values())
-                record.update(zip(parts_sum, means if len(parts_sum) > 1 else [means]))
-            metrics.log(record)
-            bar.set_postfix(loss=f"{loss_all:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}",
-                            mfu=f"{100 * mfu:.1f}%", refresh=False)
-        if step % cfg["eval_interval"] == 0 and step < cfg["max_iters"]:
-            evaluate()
-        if stopping:
-            save()
-            bar.close()
-            if rt.master:
-                print(f"stopped by {stop.signal or 'a signal to another rank'} at step {step}; checkpoint saved in "
-                      f"{cfg['out_dir']}; continue with init_from=resume")
-            return None
+            if (step % cfg["log_interval"] == 0 or step == cfg["max_iters"]) and not bad_steps:
+                now = time.perf_counter()
+                dt = (now - t_last) / (step - last_logged)
+                last_logged, t_last = step, now
+                tok_s = tokens_per_step / dt
+                mfu = flops_per_step / dt / peak if peak else 0.0
+                record = dict(step=step, loss=loss_all, lr=lr, grad_norm=float(norm), tok_s=tok_s, mfu=mfu,
+                              time=elapsed())
+                if parts_sum:
+                    means = rt.all_mean(*parts_sum.values())
+                    record.update(zip(parts_sum, means if len(parts_sum) > 1 else [means]))
+                metrics.log(record)
+                bar.set_postfix(loss=f"{loss_all:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}",
+                                mfu=f"{100 * mfu:.1f}%", refresh=False)
+            if step % cfg["eval_interval"] == 0 and step < cfg["max_iters"]:
+                evaluate()
+            if stopping:
+                save()
+                bar.close()
+                if rt.master:
+                    print(f"stopped by {stop.signal or 'a signal to another rank'} at step {step}; checkpoint saved in "
+                          f"{cfg['out_dir']}; continue with init_from=resume")
+                return None
+    finally:
+        stop.restore()
     bar.close()
     evaluate()
     if not cfg["final_eval"]:
@@ -479,4 +499,6 @@ def init_model(cfg, data, rt):
                                dropout=cfg["lora_dropout"], targets=cfg["lora_targets"])
     model.gradient_checkpointing = cfg["gradient_checkpointing"]
     freeze(model, cfg["freeze_layers"])
+    if init == "scratch" and cfg["overwrite"] and rt.master:
+        checkpoint.clear(out_dir)  # only now, after every check has passed
     return model.to(rt.device), resume

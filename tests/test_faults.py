@@ -412,8 +412,6 @@ def test_nan_every_step_ends_run_after_max_bad_steps(loop):
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
-@pytest.mark.xfail(strict=True, reason="train() leaves its SIGTERM/SIGINT handlers installed after "
-                   "the loop: Ctrl-C is ignored during the final evaluation and in the caller")
 def test_signal_handlers_restored_after_train(loop):
     cfg, rt, data, model = loop("max_iters=2", "eval_interval=100")
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -421,8 +419,6 @@ def test_signal_handlers_restored_after_train(loop):
     assert {s: signal.getsignal(s) for s in before} == before
 
 
-@pytest.mark.xfail(strict=True, reason="a torn last line in metrics.jsonl (power loss, full disk) "
-                   "makes resume crash with a JSONDecodeError traceback")
 def test_resume_survives_torn_metrics_line(char_data, tmp_path):
     out = tmp_path / "run"
     common = [*TINY, f"dataset={char_data}", f"out_dir={out}", "eval_interval=2", "final_eval=False"]
