@@ -89,7 +89,9 @@ def load_config(defaults, argv=None):
         key = key.lstrip("-")
         if key not in defaults:
             raise _unknown(key, defaults, "command line")
-        config[key] = _check_type(key, _parse_value(raw), defaults[key], "command line")
+        # a text default takes the text as typed: teacher_layers=0,2,4 is not a tuple
+        value = raw if isinstance(defaults[key], str) else _parse_value(raw)
+        config[key] = _check_type(key, value, defaults[key], "command line")
     return config
 
 

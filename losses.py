@@ -95,7 +95,8 @@ class _ChunkedSoftLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None, None
+        # in place: a second logits-sized tensor here would undo the memory the chunking saves
+        return grad.mul_(grad_out.to(grad.dtype)), None, None, None, None, None, None, None
 
 
 def soft_loss(student_logits, teacher_logits, kind="forward_kl", temperature=2.0, jsd_beta=0.5,
