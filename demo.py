@@ -9,7 +9,6 @@ only the loss differs), train a CE baseline for the distillation's wall-clock ti
 all on the whole val split, write report.md, report.json and val_loss.png.
 """
 import json
-import math
 import os
 import subprocess
 import sys
@@ -73,22 +72,16 @@ def sizes(cfg, who):
 
 def evaluate_all(runs, dataset, block_size, device):
     """Exact loss over the whole val split for each run's final checkpoint."""
-    import torch
-
     from checkpoint import load_model
     from data import BinDataset
-    from trainer import split_loss
+    from evaluate import evaluate_model
     data = BinDataset(dataset)
     results = {}
     for name, out_dir in runs.items():
         model, _, _ = load_model(out_dir, device)
-        t = time.perf_counter()
-        loss, n = split_loss(model, data, "val", block_size, 64, device)
-        results[name] = dict(params=model.num_params(), val_loss=loss, val_ppl=math.exp(loss),
-                             val_tokens=n, eval_s=time.perf_counter() - t)
-        print(f"{name:>22}: val loss {loss:.4f}  ppl {math.exp(loss):.3f}  ({n:,} tokens)")
-        del model
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        r = evaluate_model(model, data, block_size, 0, 64, device)
+        results[name] = dict(params=r["params"], val_loss=r["loss"], val_ppl=r["ppl"], val_tokens=r["tokens"])
+        print(f"{name:>22}: val loss {r['loss']:.4f}  ppl {r['ppl']:.3f}  ({r['tokens']:,} tokens)")
     return results
 
 
@@ -191,7 +184,9 @@ def main(cfg):
             cfg, f"baseline student (CE), equal wall-clock: {eq_steps} steps", "train.py",
             runs["baseline_equal_time"], student + [f"max_iters={eq_steps}"])["train_s"]
     stage("evaluate: whole val split")
-    results = evaluate_all(runs, cfg["dataset"], cfg["block_size"], cfg["device"] if cfg["device"] != "auto" else "cpu")
+    import torch
+    device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    results = evaluate_all(runs, cfg["dataset"], cfg["block_size"], device)
     if eq_steps:
         results["baseline_equal_time"]["steps"] = eq_steps
     plot(runs, os.path.join(out, "val_loss.png"))

@@ -6,6 +6,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # workers already run in parallel, one per core
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
