@@ -116,7 +116,10 @@ def run(main, defaults, argv=None):
     except UserError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        # every rank reads the same config and data, so under torchrun rank 0 alone speaks: N
+        # copies of one line interleave on a shared stderr
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

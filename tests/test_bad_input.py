@@ -218,9 +218,9 @@ def test_accumulation_not_divisible_by_world_size(char_data, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode != 0
-    # each rank says it once; torchrun then prints its own ChildFailedError report
+    # rank 0 says it once; torchrun then prints its own ChildFailedError report
     ours = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
-    assert len(ours) == 2 and len(set(ours)) == 1, p.stderr[-3000:]
+    assert len(ours) == 1, p.stderr[-3000:]
     assert "gradient_accumulation_steps=3 must be divisible by the world size 2" in ours[0]
     assert "trainer.py\", line" not in p.stderr and "train.py\", line" not in p.stderr
     assert digest(char_data) == before and not out.exists()
