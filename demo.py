@@ -33,35 +33,27 @@ def stage(title):
     print(f"\n=== {title} " + "=" * max(0, 70 - len(title)), flush=True)
 
 
-def finished(out_dir):
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    done = [r for r in records if "final_val_loss" in r]
-    return done[-1] if done else None
-
-
 def run_stage(cfg, title, script, out_dir, args):
-    """Run one training script as a user would; reuse a finished run unless force=True."""
+    """Run one training script as a user would; reuse a run finished with the same arguments
+    unless force=True."""
     stage(title)
-    state_path = os.path.join(out_dir, "demo_stage.json")
-    if not cfg["force"] and finished(out_dir) and os.path.exists(state_path):
-        with open(state_path) as f:
-            print(f"reusing {out_dir} (force=True retrains)")
-            return json.load(f)
     cmd = [sys.executable, os.path.join(ROOT, script), *args, f"out_dir={out_dir}", "overwrite=True",
-           f"device={cfg['device']}", f"compile={cfg['compile']}", f"seed={cfg['seed']}"]
+           "final_eval=False", f"device={cfg['device']}", f"compile={cfg['compile']}", f"seed={cfg['seed']}"]
+    state_path = os.path.join(out_dir, "demo_stage.json")
+    if not cfg["force"] and os.path.exists(state_path):
+        with open(state_path) as f:
+            state = json.load(f)
+        if state.get("args") == cmd[2:]:
+            print(f"reusing {out_dir} (force=True retrains)")
+            return state
     print("$ " + " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:]), flush=True)
     t = time.perf_counter()
     if subprocess.run(cmd, cwd=ROOT).returncode != 0:
         raise UserError(f"stage '{title}' failed; see the output above")
-    result = dict(train_s=time.perf_counter() - t)
-    os.makedirs(out_dir, exist_ok=True)
+    state = dict(args=cmd[2:], train_s=time.perf_counter() - t)
     with open(state_path, "w") as f:
-        json.dump(result, f)
-    return result
+        json.dump(state, f)
+    return state
 
 
 def sizes(cfg, who):

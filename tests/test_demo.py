@@ -35,3 +35,8 @@ def test_demo_report_and_reuse(char_data, tmp_path):
     again = run_script("demo.py", f"dataset={char_data}", f"out={out}", *TINY_DEMO)
     assert again.stdout.count("reusing") == 4
     assert json.loads((out / "report.json").read_text())["distilled"]["val_loss"] == d["val_loss"]
+    # a changed student setting retrains the students but keeps the teacher
+    changed = run_script("demo.py", f"dataset={char_data}", f"out={out}", *TINY_DEMO, "student_iters=12",
+                         "equal_time=False")
+    assert changed.stdout.count("reusing") == 1 and "reusing " + str(out / "teacher") in changed.stdout
+    assert load(out / "distilled")["step"] == 12
