@@ -247,7 +247,7 @@ def bench_memory(cfg, rt):
         raise UserError(f"kd_chunk_rows={cfg['kd_chunk_rows']} is not below batch_size*block_size={rows}: "
                         f"the chunked memory variant would not chunk; lower kd_chunk_rows")
     result = {}
-    for variant in ("ce", "chunked", "unchunked"):
+    for variant in ("ce", "ce_checkpointed", "chunked", "unchunked"):
         child = dict(cfg, device=rt.device, dtype=rt.dtype, variant=variant)
         p = subprocess.run([sys.executable, "-c", "import sys, bench; bench.memory_child(sys.argv[1])",
                             json.dumps(child)], cwd=os.path.dirname(os.path.abspath(__file__)),
@@ -258,6 +258,7 @@ def bench_memory(cfg, rt):
     ce_peak = result["ce"]["step_bytes"]
     result["ratio_chunked_over_ce"] = result["chunked"]["step_bytes"] / ce_peak
     result["ratio_unchunked_over_ce"] = result["unchunked"]["step_bytes"] / ce_peak
+    result["ratio_checkpointed_over_ce"] = result["ce_checkpointed"]["step_bytes"] / ce_peak
     result["method"] = result["ce"]["method"]
     result["compiled"] = False  # eager in every case: compiling three fresh processes costs minutes
     return result
@@ -274,7 +275,8 @@ def memory_child(cfg_json):
     x, y = batch(cfg, rt.device)
     torch.manual_seed(cfg["seed"])
     student = GPT(student_config(cfg)).to(rt.device)
-    if cfg["variant"] == "ce":
+    student.gradient_checkpointing = cfg["variant"] == "ce_checkpointed"
+    if cfg["variant"] in ("ce", "ce_checkpointed"):
         step, optimizer = make_step(student, ce(cfg), x, y, rt)
     else:
         if cfg["variant"] == "unchunked":
@@ -357,9 +359,10 @@ def report(res):
     if "memory" in res:
         r = res["memory"]
         lines += ["", f"peak memory of one step above the resident model and optimizer ({r['method']})"]
-        for name in ("ce", "chunked", "unchunked"):
+        for name in ("ce", "ce_checkpointed", "chunked", "unchunked"):
             lines.append(f"  {name:36}{r[name]['step_bytes'] / 2**20:>12,.0f} MiB")
-        lines.append(f"  chunked / CE {r['ratio_chunked_over_ce']:.2f}x, unchunked / CE {r['ratio_unchunked_over_ce']:.2f}x")
+        lines.append(f"  chunked / CE {r['ratio_chunked_over_ce']:.2f}x, unchunked / CE {r['ratio_unchunked_over_ce']:.2f}x, "
+                     f"CE with gradient checkpointing / CE {r['ratio_checkpointed_over_ce']:.2f}x")
     if "generate" in res:
         r = res["generate"]
         lines += ["", f"generation tokens/s (greedy, batch {r['batch']}, prompt {r['prompt_len']}, "

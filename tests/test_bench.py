@@ -27,7 +27,7 @@ def test_bench_tiny_writes_every_section(tmp_path):
         positive(res, "distill", name, "seconds", "median")
     positive(res, "distill", "ratio_distill_over_sum")
     assert res["distill"]["kd"]["chunked"]
-    for variant in ("ce", "chunked", "unchunked"):
+    for variant in ("ce", "ce_checkpointed", "chunked", "unchunked"):
         positive(res, "memory", variant, "step_bytes")
     for name in ("kv_cache", "full_recompute", "transformers"):
         positive(res, "generate", "new_tokens", "8", name, "median")
