@@ -28,14 +28,14 @@ import time
 import torch
 
 from configurator import UserError, run
-from losses import hard_loss
+from losses import default_chunk_rows, hard_loss
 from model import GPT, GPTConfig
 from trainer import Runtime, make_optimizer, measure_peak_flops
 
 DEFAULTS = dict(
     n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8, vocab_size=50257,
     teacher_n_layer=12, teacher_n_head=6, teacher_n_embd=384,  # the distill step's teacher
-    kd_chunk_rows=512,  # soft loss chunk for the distill step and the "chunked" memory variant
+    kd_chunk_rows=0,  # soft loss chunk for the distill step and the "chunked" variant; 0: as distill.py
     device="auto", dtype="auto", compile=False, threads=0,  # threads 0: torch's default
     warmup=1, repeats=3, max_time=60.0,
     gen_tokens=(128, 512), gen_batch=1, prompt_len=16,
@@ -198,8 +198,9 @@ def bench_distill(cfg, rt, sync):
     result = {name: dict(seconds=summary(t), tokens_per_s=summary(t, tokens)) for name, t in times.items()}
     parts = statistics.median(times["student_step"]) + statistics.median(times["teacher_forward"])
     result["ratio_distill_over_sum"] = statistics.median(times["distill_step"]) / parts
-    result["kd"] = dict(loss="hybrid forward_kl (distill.DEFAULTS)", kd_chunk_rows=cfg["kd_chunk_rows"],
-                        rows=tokens, chunked=cfg["kd_chunk_rows"] < tokens)
+    chunk = cfg["kd_chunk_rows"] or default_chunk_rows(cfg["vocab_size"])
+    result["kd"] = dict(loss="hybrid forward_kl (distill.DEFAULTS)", kd_chunk_rows=chunk, rows=tokens,
+                        chunked=chunk < tokens)
     return result
 
 
@@ -243,8 +244,9 @@ def bench_generate(cfg, rt, sync, hf_ok):
 
 def bench_memory(cfg, rt):
     rows = cfg["batch_size"] * cfg["block_size"]
-    if cfg["kd_chunk_rows"] >= rows:
-        raise UserError(f"kd_chunk_rows={cfg['kd_chunk_rows']} is not below batch_size*block_size={rows}: "
+    chunk = cfg["kd_chunk_rows"] or default_chunk_rows(cfg["vocab_size"])
+    if chunk >= rows:
+        raise UserError(f"a soft-loss chunk of {chunk} rows is not below batch_size*block_size={rows}: "
                         f"the chunked memory variant would not chunk; lower kd_chunk_rows")
     result = {}
     for variant in ("ce", "ce_checkpointed", "chunked", "unchunked"):

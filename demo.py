@@ -90,11 +90,11 @@ def plot(runs, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, out_dir in runs.items():
+    for i, (name, out_dir) in enumerate(runs.items()):
         steps, secs, losses = zip(*val_curve(out_dir))
-        a.plot(steps, losses, label=name)
+        a.plot(steps, losses, label=name, color=f"C{i}")  # one colour per run in both panels
         if name != "teacher":
-            b.plot(secs, losses, label=name)
+            b.plot(secs, losses, label=name, color=f"C{i}")
     a.set(xlabel="step", ylabel="val loss (sampled batches)", title="val loss vs steps")
     b.set(xlabel="training seconds", ylabel="val loss", title="students vs wall-clock")
     for ax in (a, b):

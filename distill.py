@@ -11,7 +11,7 @@ import torch
 import checkpoint
 from configurator import UserError, run
 from data import BinDataset
-from losses import cosine_loss, hard_loss, soft_loss
+from losses import cosine_loss, default_chunk_rows, hard_loss, soft_loss
 from trainer import DEFAULTS as TRAIN_DEFAULTS
 from trainer import Runtime, init_model, train
 
@@ -21,7 +21,7 @@ DEFAULTS = dict(
     distill_type="hybrid", alpha=0.5,  # alpha weighs the hard (CE) loss
     temperature=2.0, kd_loss="forward_kl", jsd_beta=0.5,
     alpha_cos=0.0,  # DistilGPT2's cosine loss on last hidden states (needs equal widths)
-    kd_chunk_rows=1024,  # soft loss over B*T rows in chunks of this many: bounds fp32 (rows, V) memory
+    kd_chunk_rows=0,  # soft loss over B*T rows in chunks of this many (0: about 4M logits a chunk)
     student_init="",  # "teacher_layers": copy embeddings, ln_f and teacher_layers' blocks
     teacher_layers="",  # e.g. "0,2,4,7,9,11"; default evenly spaced, first and last kept
 )
@@ -79,6 +79,7 @@ def init_from_teacher_layers(student, teacher, layers_spec):
 def kd_loss_fn(cfg, teacher, vocab_size):
     mode, alpha, T = cfg["distill_type"], cfg["alpha"], cfg["temperature"]
     use_cos = cfg["alpha_cos"] > 0
+    chunk_rows = cfg["kd_chunk_rows"] or default_chunk_rows(vocab_size)
 
     def ce(logits, y):
         return hard_loss(logits, y, vocab_size, cfg["label_smoothing"])
@@ -92,7 +93,7 @@ def kd_loss_fn(cfg, teacher, vocab_size):
             t_logits, _, t_h = teacher(x, return_hidden=True)
         mask = y >= 0  # the soft loss counts exactly the targets the hard loss counts
         soft = soft_loss(logits, t_logits, kind=cfg["kd_loss"], temperature=T, jsd_beta=cfg["jsd_beta"],
-                         mask=mask, vocab_size=vocab_size, chunk_size=cfg["kd_chunk_rows"])
+                         mask=mask, vocab_size=vocab_size, chunk_size=chunk_rows)
         if mode == "hybrid":
             hard = ce(logits, y)
             loss = alpha * hard + (1 - alpha) * soft

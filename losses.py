@@ -34,6 +34,15 @@ import torch.nn.functional as F
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 
+# A chunk's (rows, V) float32 buffers stay near 16 MB: glibc serves blocks above its 32 MB mmap
+# ceiling with fresh pages that fault in on first touch, on every call, which doubled the soft
+# loss's time on CPU at V=50257 (512-row chunks: 1.04 s, 64-row: 0.48 s, for 2048 rows).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def default_chunk_rows(vocab_size):
+    return max(1, CHUNK_ELEMENTS // vocab_size)
+
 
 def _weights(mask, n, device):
     """(n,) float32 weights mask / count, so a weighted sum is the mean over counted tokens.
@@ -47,15 +56,28 @@ def _weights(mask, n, device):
 
 
 def _log_probs(rows, V, T):
-    return F.log_softmax(rows[:, :V].float() / T, dim=-1)
+    z = rows[:, :V].float()
+    return F.log_softmax(z if T == 1.0 else z / T, dim=-1)
+
+
+def _rowdot(a, b):
+    # a batched dot product: no (n, V) temporary, unlike (a * b).sum(-1), and 2x faster on CPU
+    return torch.einsum("ij,ij->i", a, b)
 
 
 def _divergence(log_ps, log_pt, kind, beta, with_grad=False):
-    """Per-row divergence (n,) of float32 log-probabilities, and dL/dz (n, V) when with_grad."""
-    ps = log_ps.exp()
+    """Per-row divergence (n,) of float32 log-probabilities, and dL/dz (n, V) when with_grad.
+    Overwrites log_pt, which the callers build for this call alone (the teacher's: no grad)."""
     if kind == "forward_kl":
-        pt = log_pt.exp()
-        return (pt * (log_pt - log_ps)).sum(-1), (ps - pt if with_grad else None)
+        # these (n, V) passes are memory-bound and, at V=50257, cost as much as the student's
+        # matmuls: reuse buffers in place wherever autograd allows
+        diff = log_pt - log_ps
+        pt = log_pt.exp_()
+        div = _rowdot(pt, diff)
+        if not with_grad:
+            return div, None
+        return div, log_ps.exp().sub_(pt)
+    ps = log_ps.exp()
     if kind == "reverse_kl":
         g = log_ps - log_pt  # dKL/dp_s up to the +1, which the softmax Jacobian cancels
         div = (ps * g).sum(-1)
@@ -78,7 +100,7 @@ def _chunked(s, t, w, kind, T, beta, V, chunk, with_grad):
                              kind, beta, with_grad)
         total += (div * wi).sum()
         if with_grad:
-            grad[i:i + chunk, :V] = (g * (T * wi[:, None])).to(grad.dtype)
+            grad[i:i + chunk, :V] = g.mul_(T * wi[:, None])
     return total * (T * T), grad
 
 

@@ -17,7 +17,6 @@ distill_type = "hybrid"
 alpha = 0.5
 temperature = 2.0
 kd_loss = "forward_kl"
-kd_chunk_rows = 4096  # 4096 x 50257 fp32 = 0.8 GB per chunk instead of 8 x 1024 x 50257 x 4 B = 1.6 GB x 2
 eval_interval = 1000
 eval_iters = 100
 keep_last = 3
