@@ -24,8 +24,8 @@ DEFAULTS = dict(
     block_size=128, batch_size=32, eval_interval=100, eval_iters=10,
     # sizes and settings from a sweep on the embedded corpus (README, "The demo"): students 2-4
     # layers x 64-128 wide, alpha 0.1-0.5, T 1-2; both students get the same lr and schedule
-    teacher_n_layer=4, teacher_n_head=4, teacher_n_embd=128, teacher_iters=1000, teacher_lr=3e-3,
-    student_n_layer=3, student_n_head=4, student_n_embd=96, student_iters=700, student_lr=3e-3,
+    teacher_n_layer=4, teacher_n_head=4, teacher_n_embd=128, teacher_iters=800, teacher_lr=3e-3,
+    student_n_layer=3, student_n_head=4, student_n_embd=96, student_iters=600, student_lr=3e-3,
     distill_type="hybrid", alpha=0.1, temperature=1.0, kd_loss="forward_kl",
     equal_time=True,  # also train a CE baseline for as long as the distillation took
 )
