@@ -80,6 +80,8 @@ def kd_loss_fn(cfg, teacher, vocab_size):
     mode, alpha, T = cfg["distill_type"], cfg["alpha"], cfg["temperature"]
     use_cos = cfg["alpha_cos"] > 0
     chunk_rows = cfg["kd_chunk_rows"] or default_chunk_rows(vocab_size)
+    if teacher is not None:
+        teacher_hidden = torch.compile(teacher.hidden_states) if cfg["compile"] else teacher.hidden_states
 
     def ce(logits, y):
         return hard_loss(logits, y, vocab_size, cfg["label_smoothing"])
@@ -90,10 +92,12 @@ def kd_loss_fn(cfg, teacher, vocab_size):
             return hard, dict(hard=hard.detach())
         logits, _, h = model(x, return_hidden=True)
         with torch.no_grad():
-            t_logits, _, t_h = teacher(x, return_hidden=True)
+            t_h = teacher_hidden(x)
         mask = y >= 0  # the soft loss counts exactly the targets the hard loss counts
-        soft = soft_loss(logits, t_logits, kind=cfg["kd_loss"], temperature=T, jsd_beta=cfg["jsd_beta"],
-                         mask=mask, vocab_size=vocab_size, chunk_size=chunk_rows)
+        # the teacher's logits are formed chunk by chunk inside the loss, never all at once
+        soft = soft_loss(logits, t_h, kind=cfg["kd_loss"], temperature=T, jsd_beta=cfg["jsd_beta"],
+                         mask=mask, vocab_size=vocab_size, chunk_size=chunk_rows,
+                         teacher_head=teacher.lm_head.weight)
         if mode == "hybrid":
             hard = ce(logits, y)
             loss = alpha * hard + (1 - alpha) * soft
@@ -142,8 +146,6 @@ def main(cfg):
         if cfg["alpha_cos"] > 0 and teacher is not None and teacher.config.n_embd != student.config.n_embd:
             raise UserError(f"alpha_cos needs equal widths: student n_embd={student.config.n_embd}, "
                             f"teacher {teacher.config.n_embd}; set alpha_cos=0")
-        if teacher is not None and cfg["compile"]:
-            teacher = torch.compile(teacher)
         if cfg["distill_type"] == "output":
             teacher = None  # output distillation learns from the text alone
         train(cfg, student, data, kd_loss_fn(cfg, teacher, student.config.vocab_size), rt, resume,

@@ -18,7 +18,9 @@ The loss is true divergence, not cross-entropy to the teacher (which differs by 
 entropy and is never 0): forward KL is exactly 0 when the student equals the teacher.
 
 chunk_size bounds memory: (N, V) float32 log-probabilities of teacher and student exist for one
-chunk of rows at a time, in the backward pass too, because the gradient w.r.t. the student logits
+chunk of rows at a time, and so do the teacher's logits when it passes its final hidden states and
+LM head weight instead of logits (they are one matmul away, and at V=50257 the teacher's full
+logits are the largest tensor of a distillation step), in the backward pass too, because the gradient w.r.t. the student logits
 is written analytically chunk by chunk during the forward pass and only that gradient (in the
 student logits' dtype) is kept for backward. With z = logits / T, per counted row (weight w):
 
@@ -60,6 +62,10 @@ def _log_probs(rows, V, T):
     return F.log_softmax(z if T == 1.0 else z / T, dim=-1)
 
 
+def _teacher_rows(t, head, V):
+    return t if head is None else F.linear(t, head[:V])
+
+
 def _rowdot(a, b):
     # a batched dot product: no (n, V) temporary, unlike (a * b).sum(-1), and 2x faster on CPU
     return torch.einsum("ij,ij->i", a, b)
@@ -90,14 +96,14 @@ def _divergence(log_ps, log_pt, kind, beta, with_grad=False):
     return div, ((1 - beta) * ps * (g - kl_s[:, None]) if with_grad else None)
 
 
-def _chunked(s, t, w, kind, T, beta, V, chunk, with_grad):
+def _chunked(s, t, head, w, kind, T, beta, V, chunk, with_grad):
     """Weighted divergence sum over rows, one chunk of rows at a time, and dL/d(student logits)."""
     grad = torch.zeros_like(s) if with_grad else None  # padded columns keep gradient 0
     total = torch.zeros((), dtype=torch.float32, device=s.device)
     for i in range(0, s.size(0), chunk):
         wi = w[i:i + chunk]
-        div, g = _divergence(_log_probs(s[i:i + chunk], V, T), _log_probs(t[i:i + chunk], V, T),
-                             kind, beta, with_grad)
+        log_pt = _log_probs(_teacher_rows(t[i:i + chunk], head, V), V, T)
+        div, g = _divergence(_log_probs(s[i:i + chunk], V, T), log_pt, kind, beta, with_grad)
         total += (div * wi).sum()
         if with_grad:
             grad[i:i + chunk, :V] = g.mul_(T * wi[:, None])
@@ -109,8 +115,8 @@ class _ChunkedSoftLoss(torch.autograd.Function):
     backward; this saves only the finished gradient, one tensor the size of the student logits."""
 
     @staticmethod
-    def forward(ctx, s, t, w, kind, T, beta, V, chunk):
-        loss, grad = _chunked(s, t, w, kind, T, beta, V, chunk, with_grad=True)
+    def forward(ctx, s, t, head, w, kind, T, beta, V, chunk):
+        loss, grad = _chunked(s, t, head, w, kind, T, beta, V, chunk, with_grad=True)
         ctx.save_for_backward(grad)
         return loss
 
@@ -118,13 +124,15 @@ class _ChunkedSoftLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         # in place: a second logits-sized tensor here would undo the memory the chunking saves
-        return grad.mul_(grad_out.to(grad.dtype)), None, None, None, None, None, None, None
+        return (grad.mul_(grad_out.to(grad.dtype)),) + (None,) * 8
 
 
 def soft_loss(student_logits, teacher_logits, kind="forward_kl", temperature=2.0, jsd_beta=0.5,
-              mask=None, vocab_size=None, chunk_size=None):
+              mask=None, vocab_size=None, chunk_size=None, teacher_head=None):
     """Divergence of (..., V) logits times T^2, averaged over positions where mask is nonzero.
-    vocab_size defaults to the narrower logits; the teacher never gets a gradient."""
+    vocab_size defaults to the narrower logits; the teacher never gets a gradient. With
+    teacher_head (the teacher's (V', C) LM head weight), teacher_logits are its (..., C) final
+    hidden states, projected to logits one chunk at a time."""
     if kind not in KINDS:
         raise ValueError(f"unknown kd loss {kind!r}: use one of {', '.join(KINDS)}")
     if kind == "jsd" and not 0.0 < jsd_beta < 1.0:
@@ -133,22 +141,24 @@ def soft_loss(student_logits, teacher_logits, kind="forward_kl", temperature=2.0
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be positive")
     s = student_logits.reshape(-1, student_logits.size(-1))  # (B*T, Vs)
-    t = teacher_logits.detach().reshape(-1, teacher_logits.size(-1))  # (B*T, Vt)
+    t = teacher_logits.detach().reshape(-1, teacher_logits.size(-1))  # (B*T, Vt) or (B*T, C)
+    head = None if teacher_head is None else teacher_head.detach()
     if s.size(0) != t.size(0):
         raise ValueError(f"student has {s.size(0)} positions, teacher {t.size(0)}")
-    V = vocab_size or min(s.size(1), t.size(1))
-    if V > min(s.size(1), t.size(1)):
-        raise ValueError(f"vocab_size={V} exceeds the logits' widths {s.size(1)}, {t.size(1)}")
+    Vt = t.size(1) if head is None else head.size(0)
+    V = vocab_size or min(s.size(1), Vt)
+    if V > min(s.size(1), Vt):
+        raise ValueError(f"vocab_size={V} exceeds the logits' widths {s.size(1)}, {Vt}")
     w = _weights(mask, s.size(0), s.device)
     T = float(temperature)
     if chunk_size is None or chunk_size >= s.size(0):
-        div, _ = _divergence(_log_probs(s, V, T), _log_probs(t, V, T), kind, jsd_beta)
+        div, _ = _divergence(_log_probs(s, V, T), _log_probs(_teacher_rows(t, head, V), V, T), kind, jsd_beta)
         return (div * w).sum() * (T * T)
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be a positive number of rows")
     if torch.is_grad_enabled() and s.requires_grad:
-        return _ChunkedSoftLoss.apply(s, t, w, kind, T, jsd_beta, V, int(chunk_size))
-    return _chunked(s, t, w, kind, T, jsd_beta, V, int(chunk_size), with_grad=False)[0]
+        return _ChunkedSoftLoss.apply(s, t, head, w, kind, T, jsd_beta, V, int(chunk_size))
+    return _chunked(s, t, head, w, kind, T, jsd_beta, V, int(chunk_size), with_grad=False)[0]
 
 
 def hard_loss(logits, targets, vocab_size=None, label_smoothing=0.0, mask=None):

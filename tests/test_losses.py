@@ -108,6 +108,21 @@ def test_chunked_equals_unchunked(kind, chunk):
     assert torch.allclose(s2.grad, 3 * ref_grad, atol=3e-6, rtol=0)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_teacher_hidden_and_head_equal_its_logits(kind, chunk):
+    # the teacher's logits formed chunk by chunk from its hidden states (B=2, T=5, C=6) and padded
+    # head (13 rows, 11 real) give the loss and gradient of the logits formed all at once
+    s, h, head = logits(2, 5, 13, seed=30), logits(2, 5, 6, seed=31, scale=1.0), logits(13, 6, seed=32)
+    kw = dict(kind=kind, temperature=2.0, vocab_size=11, chunk_size=chunk)
+    ref, ref_grad = value_and_grad(s, h @ head.T, **kw)
+    got, got_grad = value_and_grad(s, h, teacher_head=head, **kw)
+    assert abs(got - ref) < 1e-5 and ref > 0.1
+    assert torch.allclose(got_grad, ref_grad, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="exceeds"):
+        soft_loss(s, h, teacher_head=head[:10], vocab_size=11)
+
+
 def test_chunked_bf16_gradient_kept_in_bf16():
     s, t = logits(10, 11, seed=8).bfloat16(), logits(10, 11, seed=9).bfloat16()
     ref, ref_grad = value_and_grad(s.float(), t)
