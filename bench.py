@@ -79,12 +79,14 @@ def flops_per_token(model, T):
 
 
 def ce(cfg, hf=False):
-    V = cfg["vocab_size"]
+    if not hf:
+        import train
+        return train.ce_loss(dict(label_smoothing=0.0), cfg["vocab_size"])
 
     def loss_fn(model, x, y):
-        if hf:  # the KV cache HF builds by default is of no use when training: leave it out
-            return hard_loss(model(x, use_cache=False).logits, y, V), {}
-        return hard_loss(model(x)[0], y, V), {}
+        # transformers' own loss: F.cross_entropy over float32 logits. The KV cache it builds by
+        # default is of no use when training: leave it out
+        return hard_loss(model(x, use_cache=False).logits, y, cfg["vocab_size"]), {}
     return loss_fn
 
 

@@ -11,7 +11,7 @@ import torch
 import checkpoint
 from configurator import UserError, run
 from data import BinDataset
-from losses import cosine_loss, default_chunk_rows, hard_loss, soft_loss
+from losses import cosine_loss, default_chunk_rows, hard_loss, kd_loss
 from trainer import DEFAULTS as TRAIN_DEFAULTS
 from trainer import Runtime, init_model, train
 
@@ -83,31 +83,22 @@ def kd_loss_fn(cfg, teacher, vocab_size):
     if teacher is not None:
         teacher_hidden = torch.compile(teacher.hidden_states) if cfg["compile"] else teacher.hidden_states
 
-    def ce(logits, y):
-        return hard_loss(logits, y, vocab_size, cfg["label_smoothing"])
-
     def loss_fn(model, x, y):
         if mode == "output":
-            hard = ce(model(x)[0], y)
+            hard = hard_loss(model(x)[0], y, vocab_size, cfg["label_smoothing"], chunk_size=chunk_rows)
             return hard, dict(hard=hard.detach())
         logits, _, h = model(x, return_hidden=True)
         with torch.no_grad():
             t_h = teacher_hidden(x)
-        mask = y >= 0  # the soft loss counts exactly the targets the hard loss counts
-        # the teacher's logits are formed chunk by chunk inside the loss, never all at once
-        soft = soft_loss(logits, t_h, kind=cfg["kd_loss"], temperature=T, jsd_beta=cfg["jsd_beta"],
-                         mask=mask, vocab_size=vocab_size, chunk_size=chunk_rows,
-                         teacher_head=teacher.lm_head.weight)
-        if mode == "hybrid":
-            hard = ce(logits, y)
-            loss = alpha * hard + (1 - alpha) * soft
-        else:
-            with torch.no_grad():
-                hard = ce(logits, y)
-            loss = soft
-        parts = dict(hard=hard.detach(), soft=soft.detach())
+        # the teacher's logits are formed chunk by chunk inside the loss, never all at once; the
+        # soft loss counts exactly the targets the hard loss counts
+        weight = alpha if mode == "hybrid" else 0.0  # logit mode logs the CE but learns without it
+        loss, hard, soft = kd_loss(logits, t_h, y, weight, kind=cfg["kd_loss"], temperature=T,
+                                   jsd_beta=cfg["jsd_beta"], vocab_size=vocab_size, chunk_size=chunk_rows,
+                                   teacher_head=teacher.lm_head.weight, label_smoothing=cfg["label_smoothing"])
+        parts = dict(hard=hard, soft=soft)
         if use_cos:
-            cos = cosine_loss(h, t_h, mask)
+            cos = cosine_loss(h, t_h, y >= 0)
             loss = loss + cfg["alpha_cos"] * cos
             parts["cos"] = cos.detach()
         return loss, parts

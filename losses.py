@@ -96,43 +96,73 @@ def _divergence(log_ps, log_pt, kind, beta, with_grad=False):
     return div, ((1 - beta) * ps * (g - kl_s[:, None]) if with_grad else None)
 
 
-def _chunked(s, t, head, w, kind, T, beta, V, chunk, with_grad):
-    """Weighted divergence sum over rows, one chunk of rows at a time, and dL/d(student logits)."""
+def _hard_rows(log_p, y, eps, with_grad):
+    """Per-row cross-entropy (label smoothing eps, as F.cross_entropy defines it) from float32
+    log-probabilities, and its gradient w.r.t. the logits: p - (1 - eps) onehot(y) - eps / V."""
+    y = y.clamp(min=0)[:, None]  # rows with target -1 carry weight 0
+    nll = -log_p.gather(1, y)[:, 0]
+    if eps:
+        nll = (1 - eps) * nll - eps * log_p.mean(-1)
+    if not with_grad:
+        return nll, None
+    g = log_p.exp()
+    if eps:
+        g.sub_(eps / log_p.size(1))
+    return nll, g.scatter_add_(1, y, torch.full_like(g[:, :1], eps - 1))
+
+
+def _chunked(s, t, head, w, kind, T, beta, V, chunk, with_grad, hard=None):
+    """Weighted divergence sum over rows (times T^2), one chunk of rows at a time, and its gradient
+    w.r.t. the student logits. hard = (targets, alpha, eps) also sums the cross-entropy over the
+    same rows and makes the gradient that of alpha * CE + (1 - alpha) * divergence; with no
+    teacher (t None) the cross-entropy is all there is."""
     grad = torch.zeros_like(s) if with_grad else None  # padded columns keep gradient 0
     total = torch.zeros((), dtype=torch.float32, device=s.device)
+    hard_total = torch.zeros((), dtype=torch.float32, device=s.device)
     for i in range(0, s.size(0), chunk):
-        wi = w[i:i + chunk]
-        log_pt = _log_probs(_teacher_rows(t[i:i + chunk], head, V), V, T)
-        div, g = _divergence(_log_probs(s[i:i + chunk], V, T), log_pt, kind, beta, with_grad)
-        total += (div * wi).sum()
-        if with_grad:
-            grad[i:i + chunk, :V] = g.mul_(T * wi[:, None])
-    return total * (T * T), grad
+        wi, g = w[i:i + chunk], None
+        log_ps = _log_probs(s[i:i + chunk], V, T)
+        if t is not None:
+            log_pt = _log_probs(_teacher_rows(t[i:i + chunk], head, V), V, T)
+            div, g = _divergence(log_ps, log_pt, kind, beta, with_grad)
+            total += (div * wi).sum()
+            if with_grad:
+                g.mul_(T * (1 if hard is None else 1 - hard[1]) * wi[:, None])
+        if hard is not None:
+            y, alpha, eps = hard
+            # at T = 1 the student's log-probabilities serve both losses
+            log_p1 = log_ps if T == 1.0 else _log_probs(s[i:i + chunk], V, 1.0)
+            nll, gh = _hard_rows(log_p1, y[i:i + chunk], eps, with_grad and alpha > 0)
+            hard_total += (nll * wi).sum()
+            if gh is not None:
+                gh.mul_(alpha * wi[:, None])
+                g = gh if g is None else g.add_(gh)
+        if g is not None:
+            grad[i:i + chunk, :V] = g
+    return total * (T * T), hard_total, grad
 
 
-class _ChunkedSoftLoss(torch.autograd.Function):
+class _ChunkedKD(torch.autograd.Function):
     """A Python loop of per-chunk losses would keep every chunk's float32 intermediates alive for
-    backward; this saves only the finished gradient, one tensor the size of the student logits."""
+    backward; this saves only the finished gradient, one tensor the size of the student logits.
+    Returns the differentiable loss and, detached, the divergence and the cross-entropy."""
 
     @staticmethod
-    def forward(ctx, s, t, head, w, kind, T, beta, V, chunk):
-        loss, grad = _chunked(s, t, head, w, kind, T, beta, V, chunk, with_grad=True)
+    def forward(ctx, s, t, head, w, kind, T, beta, V, chunk, hard):
+        soft, ce, grad = _chunked(s, t, head, w, kind, T, beta, V, chunk, True, hard)
         ctx.save_for_backward(grad)
-        return loss
+        loss = soft.clone() if hard is None else hard[1] * ce + (1 - hard[1]) * soft
+        ctx.mark_non_differentiable(soft, ce)
+        return loss, soft, ce
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_):
         (grad,) = ctx.saved_tensors
         # in place: a second logits-sized tensor here would undo the memory the chunking saves
-        return (grad.mul_(grad_out.to(grad.dtype)),) + (None,) * 8
+        return (grad.mul_(grad_out.to(grad.dtype)),) + (None,) * 9
 
 
-def soft_loss(student_logits, teacher_logits, kind="forward_kl", temperature=2.0, jsd_beta=0.5,
-              mask=None, vocab_size=None, chunk_size=None, teacher_head=None):
-    """Divergence of (..., V) logits times T^2, averaged over positions where mask is nonzero.
-    vocab_size defaults to the narrower logits; the teacher never gets a gradient. With
-    teacher_head (the teacher's (V', C) LM head weight), teacher_logits are its (..., C) final
-    hidden states, projected to logits one chunk at a time."""
+def _prepare(student_logits, teacher_logits, kind, temperature, jsd_beta, vocab_size, teacher_head):
     if kind not in KINDS:
         raise ValueError(f"unknown kd loss {kind!r}: use one of {', '.join(KINDS)}")
     if kind == "jsd" and not 0.0 < jsd_beta < 1.0:
@@ -149,29 +179,84 @@ def soft_loss(student_logits, teacher_logits, kind="forward_kl", temperature=2.0
     V = vocab_size or min(s.size(1), Vt)
     if V > min(s.size(1), Vt):
         raise ValueError(f"vocab_size={V} exceeds the logits' widths {s.size(1)}, {Vt}")
-    w = _weights(mask, s.size(0), s.device)
-    T = float(temperature)
-    if chunk_size is None or chunk_size >= s.size(0):
-        div, _ = _divergence(_log_probs(s, V, T), _log_probs(_teacher_rows(t, head, V), V, T), kind, jsd_beta)
-        return (div * w).sum() * (T * T)
+    return s, t, head, V, float(temperature)
+
+
+def _chunk_rows(chunk_size, n):
+    """None when the whole batch is one chunk, else a validated positive row count."""
+    if chunk_size is None or chunk_size >= n:
+        return None
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be a positive number of rows")
+    return int(chunk_size)
+
+
+def soft_loss(student_logits, teacher_logits, kind="forward_kl", temperature=2.0, jsd_beta=0.5,
+              mask=None, vocab_size=None, chunk_size=None, teacher_head=None):
+    """Divergence of (..., V) logits times T^2, averaged over positions where mask is nonzero.
+    vocab_size defaults to the narrower logits; the teacher never gets a gradient. With
+    teacher_head (the teacher's (V', C) LM head weight), teacher_logits are its (..., C) final
+    hidden states, projected to logits one chunk at a time."""
+    s, t, head, V, T = _prepare(student_logits, teacher_logits, kind, temperature, jsd_beta,
+                                vocab_size, teacher_head)
+    w = _weights(mask, s.size(0), s.device)
+    chunk = _chunk_rows(chunk_size, s.size(0))
+    if chunk is None:
+        div, _ = _divergence(_log_probs(s, V, T), _log_probs(_teacher_rows(t, head, V), V, T),
+                             kind, jsd_beta)
+        return (div * w).sum() * (T * T)
     if torch.is_grad_enabled() and s.requires_grad:
-        return _ChunkedSoftLoss.apply(s, t, head, w, kind, T, jsd_beta, V, int(chunk_size))
-    return _chunked(s, t, head, w, kind, T, jsd_beta, V, int(chunk_size), with_grad=False)[0]
+        return _ChunkedKD.apply(s, t, head, w, kind, T, jsd_beta, V, chunk, None)[0]
+    return _chunked(s, t, head, w, kind, T, jsd_beta, V, chunk, with_grad=False)[0]
 
 
-def hard_loss(logits, targets, vocab_size=None, label_smoothing=0.0, mask=None):
+def kd_loss(student_logits, teacher_logits, targets, alpha, kind="forward_kl", temperature=2.0,
+            jsd_beta=0.5, vocab_size=None, chunk_size=None, teacher_head=None, label_smoothing=0.0):
+    """alpha * CE(targets) + (1 - alpha) * soft_loss, both averaged over the targets >= 0, and the
+    two parts detached for logging: (loss, hard, soft). Chunked, one pass over the rows computes
+    both and keeps a single gradient, so the cross-entropy costs neither a full-vocab
+    log-softmax of its own nor a second logits-sized gradient to add."""
+    s, t, head, V, T = _prepare(student_logits, teacher_logits, kind, temperature, jsd_beta,
+                                vocab_size, teacher_head)
+    y = targets.reshape(-1)
+    mask = y >= 0
+    chunk = _chunk_rows(chunk_size, s.size(0))
+    if chunk is None:
+        soft = soft_loss(student_logits, teacher_logits, kind, temperature, jsd_beta, mask,
+                         vocab_size, None, teacher_head)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and alpha > 0):
+            hard = hard_loss(student_logits, targets, V, label_smoothing)
+        return alpha * hard + (1 - alpha) * soft, hard.detach(), soft.detach()
+    w = _weights(mask, s.size(0), s.device)
+    hard = (y, float(alpha), float(label_smoothing))
+    if torch.is_grad_enabled() and s.requires_grad:
+        loss, soft, ce = _ChunkedKD.apply(s, t, head, w, kind, T, jsd_beta, V, chunk, hard)
+        return loss, ce, soft
+    soft, ce, _ = _chunked(s, t, head, w, kind, T, jsd_beta, V, chunk, False, hard)
+    return alpha * ce + (1 - alpha) * soft, ce, soft
+
+
+def hard_loss(logits, targets, vocab_size=None, label_smoothing=0.0, mask=None, chunk_size=None):
     """Cross-entropy over the real vocab in float32, averaged over counted targets: targets of -1
-    and positions where mask is 0 do not count. Nothing counted gives 0, not NaN."""
+    and positions where mask is 0 do not count. Nothing counted gives 0, not NaN. With chunk_size
+    it runs one chunk of rows at a time and keeps only its gradient for backward, which at
+    V=50257 skips several passes over full-vocab tensors (see kd_loss)."""
     V = vocab_size or logits.size(-1)
     targets = targets.reshape(-1)
     if mask is not None:
         targets = targets.masked_fill(~mask.reshape(-1).bool(), -1)
-    rows = logits.reshape(-1, logits.size(-1))[:, :V].float()  # (B*T, V)
-    total = F.cross_entropy(rows, targets, ignore_index=-1, label_smoothing=label_smoothing,
-                            reduction="sum")
-    return total / (targets != -1).sum().clamp(min=1)
+    rows = logits.reshape(-1, logits.size(-1))
+    chunk = _chunk_rows(chunk_size, rows.size(0))
+    if chunk is None:
+        total = F.cross_entropy(rows[:, :V].float(), targets, ignore_index=-1,
+                                label_smoothing=label_smoothing, reduction="sum")
+        return total / (targets != -1).sum().clamp(min=1)
+    w = _weights(targets >= 0, rows.size(0), rows.device)
+    args = (rows, None, None, w, "forward_kl", 1.0, 0.5, V, chunk)
+    hard = (targets, 1.0, float(label_smoothing))
+    if torch.is_grad_enabled() and rows.requires_grad:
+        return _ChunkedKD.apply(*args, hard)[0]
+    return _chunked(*args, False, hard)[1]
 
 
 def cosine_loss(student_hidden, teacher_hidden, mask=None):

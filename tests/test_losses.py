@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import KINDS, cosine_loss, hard_loss, soft_loss
+from losses import KINDS, cosine_loss, hard_loss, kd_loss, soft_loss
 
 torch.set_num_threads(1)
 
@@ -121,6 +121,32 @@ def test_teacher_hidden_and_head_equal_its_logits(kind, chunk):
     assert torch.allclose(got_grad, ref_grad, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="exceeds"):
         soft_loss(s, h, teacher_head=head[:10], vocab_size=11)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T,alpha,eps", [(1.0, 0.5, 0.0), (2.0, 0.3, 0.1), (2.0, 0.0, 0.0), (1.0, 1.0, 0.1)])
+def test_fused_kd_loss_equals_ce_plus_soft(kind, T, alpha, eps):
+    # the chunked one-pass hybrid against alpha * hard_loss + (1 - alpha) * soft_loss composed by
+    # autograd: loss, both logged parts and the gradient; targets of -1 count in neither part
+    s, h, head = logits(2, 5, 13, seed=33), logits(2, 5, 6, seed=34, scale=1.0), logits(13, 6, seed=35)
+    y = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(1))
+    y[0, 1] = y[1, 3] = -1
+    s1, s2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    soft = soft_loss(s1, h @ head.T, kind=kind, temperature=T, jsd_beta=0.3, mask=y >= 0, vocab_size=11)
+    hard = hard_loss(s1, y, 11, label_smoothing=eps)
+    (alpha * hard + (1 - alpha) * soft).backward()
+    loss, got_hard, got_soft = kd_loss(s2, h, y, alpha, kind=kind, temperature=T, jsd_beta=0.3,
+                                       vocab_size=11, chunk_size=3, teacher_head=head, label_smoothing=eps)
+    (2 * loss).backward()
+    assert abs(got_hard - hard) < 1e-5 and abs(got_soft - soft) < 1e-5
+    assert abs(loss - (alpha * hard + (1 - alpha) * soft)) < 1e-5
+    assert torch.allclose(s2.grad, 2 * s1.grad, atol=1e-6, rtol=0) and s1.grad.abs().max() > 1e-3
+    assert torch.all(s2.grad[:, :, 11:] == 0) and torch.all(s2.grad[0, 1] == 0)
+    with torch.no_grad():  # the chunked value without a graph, and the unchunked path
+        for chunk in (3, None):
+            again = kd_loss(s, h, y, alpha, kind=kind, temperature=T, jsd_beta=0.3, vocab_size=11,
+                            chunk_size=chunk, teacher_head=head, label_smoothing=eps)
+            assert all(abs(a - b) < 1e-5 for a, b in zip(again, (loss, got_hard, got_soft)))
 
 
 def test_chunked_bf16_gradient_kept_in_bf16():
@@ -243,6 +269,33 @@ def test_hard_loss_is_cross_entropy():
     zero = hard_loss(x.requires_grad_(True), torch.full((2, 6), -1))
     assert zero.item() == 0.0
     zero.backward()
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_hard_loss_equals_cross_entropy(eps, dtype):
+    # padded logits (14 wide, 11 real), -1 targets and a mask; value and gradient against
+    # F.cross_entropy on the kept rows, and nothing counted still gives 0 with a graph
+    x = torch.cat([logits(3, 5, 11, seed=40), torch.full((3, 5, 3), 1e4)], dim=-1).to(dtype)
+    y = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(2))
+    y[0, :2] = -1
+    mask = torch.ones(3, 5)
+    mask[2, 4] = 0
+    keep = (y != -1) & (mask > 0)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ref = F.cross_entropy(a[..., :11][keep].float(), y[keep], label_smoothing=eps)
+    ref.backward()
+    got = hard_loss(b, y, 11, eps, mask=mask, chunk_size=4)
+    got.backward()
+    assert got.dtype == torch.float32 and b.grad.dtype == dtype
+    assert abs(got - ref) < 1e-5
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(b.grad.float(), a.grad.float(), atol=tol, rtol=0) and a.grad.abs().max() > 1e-3
+    with torch.no_grad():
+        assert abs(hard_loss(x, y, 11, eps, mask=mask, chunk_size=4) - ref) < 1e-5
+    zero = hard_loss(x.clone().requires_grad_(True), torch.full((3, 5), -1), 11, chunk_size=4)
+    zero.backward()
+    assert zero.item() == 0.0
 
 
 def test_hard_loss_bf16_in_float32():
