@@ -158,7 +158,7 @@ def summary(seconds, work=None):
 # ---------------------------------------------------------------- the parts
 
 
-def bench_train(cfg, rt, sync, peak, hf_ok):
+def bench_train(cfg, rt, sync, hf_ok):
     x, y = batch(cfg, rt.device)
     T, tokens = cfg["block_size"], cfg["batch_size"] * cfg["block_size"]
     models = {"ours": GPT(student_config(cfg)).to(rt.device)}
@@ -171,9 +171,7 @@ def bench_train(cfg, rt, sync, peak, hf_ok):
     for name, m in models.items():
         tok_s = summary(times[name], tokens)
         fpt = flops_per_token(m, T)
-        result[name] = dict(tokens_per_s=tok_s, flops_per_token=fpt, params=sum(p.numel() for p in m.parameters()),
-                            mfu=dict(median=tok_s["median"] * fpt / peak, min=tok_s["min"] * fpt / peak,
-                                     max=tok_s["max"] * fpt / peak))
+        result[name] = dict(tokens_per_s=tok_s, flops_per_token=fpt, params=sum(p.numel() for p in m.parameters()))
     if hf_ok:
         result["ratio_ours_over_hf"] = result["ours"]["tokens_per_s"]["median"] / \
             result["transformers"]["tokens_per_s"]["median"]
@@ -412,14 +410,21 @@ def main(cfg):
         transformers=__import__("transformers").__version__ if hf_ok else None,
         cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
         load_avg_start=[round(v, 2) for v in os.getloadavg()]), flop_formula=FLOP_FORMULA)
-    res["peak_flops"] = measure_peak_flops(rt.device, getattr(torch, rt.dtype))
-    res["peak_method"] = f"best of 5 square {rt.dtype} matmuls, n=2048"
+    def peak():
+        return measure_peak_flops(rt.device, getattr(torch, rt.dtype), repeats=10)
+    res["peak_flops"] = peak()
+    res["peak_method"] = f"best of 10 square {rt.dtype} matmuls, n=2048, before and after the train step"
     for part in PARTS:
         if part not in parts:
             continue
         print(f"running {part} ...", flush=True)
         if part == "train":
-            res["train"] = bench_train(cfg, rt, sync, res["peak_flops"], hf_ok)
+            res["train"] = bench_train(cfg, rt, sync, hf_ok)
+            # a busy host can depress one measurement of the ceiling: keep the best seen
+            res["peak_flops"] = max(res["peak_flops"], peak())
+            for r in (res["train"][name] for name in ("ours", "transformers") if name in res["train"]):
+                fpt = r["flops_per_token"] / res["peak_flops"]
+                r["mfu"] = {k: r["tokens_per_s"][k] * fpt for k in ("median", "min", "max")}
         elif part == "distill":
             res["distill"] = bench_distill(cfg, rt, sync)
         elif part == "generate":

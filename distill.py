@@ -21,7 +21,7 @@ DEFAULTS = dict(
     distill_type="hybrid", alpha=0.5,  # alpha weighs the hard (CE) loss
     temperature=2.0, kd_loss="forward_kl", jsd_beta=0.5,
     alpha_cos=0.0,  # DistilGPT2's cosine loss on last hidden states (needs equal widths)
-    kd_chunk_rows=0,  # soft loss over B*T rows in chunks of this many (0: about 4M logits a chunk)
+    kd_chunk_rows=0,  # soft + hard loss over B*T rows in chunks of this many (0: about 4M logits a chunk)
     student_init="",  # "teacher_layers": copy embeddings, ln_f and teacher_layers' blocks
     teacher_layers="",  # e.g. "0,2,4,7,9,11"; default evenly spaced, first and last kept
 )

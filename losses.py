@@ -1,4 +1,4 @@
-"""Distillation losses: true divergences between teacher and student next-token distributions.
+"""Training losses: true divergences between teacher and student next-token distributions.
 
 Every loss is averaged per counted target token (the mask), never per sequence, and sees only the
 first `vocab_size` columns: padded logits (50304 vs 50257) never enter. With T the temperature,
@@ -17,17 +17,21 @@ in a Neural Network", sec. 2).
 The loss is true divergence, not cross-entropy to the teacher (which differs by the teacher's
 entropy and is never 0): forward KL is exactly 0 when the student equals the teacher.
 
-chunk_size bounds memory: (N, V) float32 log-probabilities of teacher and student exist for one
-chunk of rows at a time, and so do the teacher's logits when it passes its final hidden states and
-LM head weight instead of logits (they are one matmul away, and at V=50257 the teacher's full
-logits are the largest tensor of a distillation step), in the backward pass too, because the gradient w.r.t. the student logits
-is written analytically chunk by chunk during the forward pass and only that gradient (in the
-student logits' dtype) is kept for backward. With z = logits / T, per counted row (weight w):
+chunk_size bounds memory and time: (N, V) float32 log-probabilities of teacher and student exist
+for one chunk of rows at a time, in the backward pass too, because the gradient w.r.t. the student
+logits is written analytically chunk by chunk during the forward pass and only that gradient (in
+the student logits' dtype) is kept for backward. The teacher may pass its final hidden states and
+LM head weight instead of logits: its logits are then formed per chunk too (at V=50257 they are
+the largest tensor of a distillation step). kd_loss adds the cross-entropy in the same pass and
+hard_loss runs it alone the same way; either saves the several full-vocab passes (log-softmax,
+its backward, the padded-column slice and a second gradient to add) that the memory-bound CPU
+pays for as much as for the model's matmuls. With z = logits / T, per counted row (weight w):
 
   forward_kl  dL/dz = p_s - p_t
   reverse_kl  dL/dz = p_s * (log p_s - log p_t - KL(p_s || p_t))
   jsd         dL/dz = (1-b) p_s * (log p_s - log m - KL(p_s || m))
-  and dL/dlogits = T^2 * w * dL/dz / T = T * w * dL/dz.
+  and dL/dlogits = T^2 * w * dL/dz / T = T * w * dL/dz;
+  cross-entropy with label smoothing e: dL/dlogits = w * (p - (1 - e) onehot(y) - e / V).
 """
 import math
 
