@@ -109,7 +109,7 @@ def test_chunked_equals_unchunked(kind, chunk):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("chunk", [None, 3])
+@pytest.mark.parametrize("chunk", [None, 3, 1])  # 1: 10 rows in two blocks of teacher logits
 def test_teacher_hidden_and_head_equal_its_logits(kind, chunk):
     # the teacher's logits formed chunk by chunk from its hidden states (B=2, T=5, C=6) and padded
     # head (13 rows, 11 real) give the loss and gradient of the logits formed all at once
