@@ -69,6 +69,8 @@ def evaluate_all(runs, dataset, block_size, device):
     from checkpoint import load_model
     from data import BinDataset
     from evaluate import evaluate_model
+    from trainer import resolve_device
+    device = resolve_device(device)
     data = BinDataset(dataset)
     results = {}
     for name, out_dir in runs.items():
@@ -178,9 +180,7 @@ def main(cfg):
             cfg, f"baseline student (CE), equal wall-clock: {eq_steps} steps", "train.py",
             runs["baseline_equal_time"], student + [f"max_iters={eq_steps}"])["train_s"]
     stage("evaluate: whole val split")
-    import torch
-    device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    results = evaluate_all(runs, cfg["dataset"], cfg["block_size"], device)
+    results = evaluate_all(runs, cfg["dataset"], cfg["block_size"], cfg["device"])
     if eq_steps:
         results["baseline_equal_time"]["steps"] = eq_steps
     plot(runs, os.path.join(out, "val_loss.png"))

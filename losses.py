@@ -138,7 +138,7 @@ def _chunked(s, t, head, w, kind, T, beta, V, chunk, with_grad, hard=None):
     teacher (t None) the cross-entropy is all there is."""
     grad = None
     if with_grad:
-        grad = torch.empty_like(s)  # every real column is written below; padded ones stay 0
+        grad = torch.empty_like(s)  # every chunk's real columns are written below; padded stay 0
         grad[:, V:] = 0
     total = torch.zeros((), dtype=torch.float32, device=s.device)
     hard_total = torch.zeros((), dtype=torch.float32, device=s.device)
@@ -160,7 +160,7 @@ def _chunked(s, t, head, w, kind, T, beta, V, chunk, with_grad, hard=None):
             if gh is not None:
                 g = gh.mul_(alpha * wi[:, None]) if g is None else g.addcmul_(gh, alpha * wi[:, None])
         if with_grad:
-            grad[i:i + chunk, :V] = 0 if g is None else g
+            grad[i:i + chunk, :V] = g
     return total * (T * T), hard_total, grad
 
 

@@ -11,7 +11,7 @@ from trainer import DEFAULTS, Runtime, init_model, train
 
 
 def ce_loss(cfg, vocab_size):
-    chunk = default_chunk_rows(vocab_size)  # see losses.hard_loss: faster and smaller than one pass
+    chunk = default_chunk_rows(vocab_size)  # chunked CE: less time and memory at V=50257 (losses.py)
 
     def loss_fn(model, x, y):
         return hard_loss(model(x)[0], y, vocab_size, cfg["label_smoothing"], chunk_size=chunk), {}

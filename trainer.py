@@ -46,13 +46,16 @@ DEFAULTS = dict(
 # ---------------------------------------------------------------- system
 
 
+def resolve_device(device):
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 class Runtime:
     """Process group, device and precision of this process."""
 
     def __init__(self, cfg):
         self.ddp = int(os.environ.get("RANK", -1)) != -1
-        if cfg["device"] == "auto":
-            cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        cfg["device"] = resolve_device(cfg["device"])
         if self.ddp:
             self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
             self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
