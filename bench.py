@@ -28,14 +28,15 @@ import time
 import torch
 
 from configurator import UserError, run
-from losses import default_chunk_rows, hard_loss
+from losses import ce_loss_fn, default_chunk_rows, hard_loss, kd_loss_fn
 from model import GPT, GPTConfig
-from trainer import Runtime, make_optimizer, measure_peak_flops
+from optim import apply_gradients, make_optimizer
+from runtime import Runtime, measure_peak_flops
 
 DEFAULTS = dict(
     n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8, vocab_size=50257,
     teacher_n_layer=12, teacher_n_head=6, teacher_n_embd=384,  # the distill step's teacher
-    kd_chunk_rows=0,  # soft loss chunk for the distill step and the "chunked" variant; 0: as distill.py
+    chunk_rows=0,  # rows per chunk of the CE and KD losses (0: about 4M logits, as train.py/distill.py)
     device="auto", dtype="auto", compile=False, threads=0,  # threads 0: torch's default
     warmup=1, repeats=3, max_time=60.0,
     gen_tokens=(128, 512), gen_batch=1, prompt_len=16,
@@ -43,6 +44,7 @@ DEFAULTS = dict(
 )
 PARTS = ("train", "distill", "generate", "memory")
 OPTIM = dict(learning_rate=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, layer_lr_decay=1.0)
+KD = dict(alpha=0.5, kind="forward_kl", temperature=2.0)  # distill.py's defaults
 FLOP_FORMULA = "training FLOPs/token = 6N + 12*L*C*T (N: parameters minus position embeddings)"
 
 
@@ -80,8 +82,7 @@ def flops_per_token(model, T):
 
 def ce(cfg, hf=False):
     if not hf:
-        import train
-        return train.ce_loss(dict(label_smoothing=0.0), cfg["vocab_size"])
+        return ce_loss_fn(cfg["vocab_size"], chunk_rows=cfg["chunk_rows"])
 
     def loss_fn(model, x, y):
         # transformers' own loss: F.cross_entropy over float32 logits. The KV cache it builds by
@@ -91,23 +92,21 @@ def ce(cfg, hf=False):
 
 
 def kd(cfg, teacher):
-    import distill
-    kd_cfg = dict(distill.DEFAULTS, kd_chunk_rows=cfg["kd_chunk_rows"], compile=cfg["compile"])
-    return distill.kd_loss_fn(kd_cfg, teacher, cfg["vocab_size"])
+    return kd_loss_fn(teacher, cfg["vocab_size"], KD["alpha"], KD["kind"], KD["temperature"],
+                      chunk_rows=cfg["chunk_rows"], compile_teacher=cfg["compile"])
 
 
 def make_step(model, loss_fn, x, y, rt):
     """One training step as trainer.train takes it: forward, loss, backward, clip, AdamW."""
     optimizer = make_optimizer(model, OPTIM, rt.device_type)
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=False)  # float16 is refused in main()
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step():
         with rt.autocast():
             loss, _ = loss_fn(model, x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        apply_gradients(optimizer, scaler, params, OPTIM["learning_rate"], 1.0)
     return step, optimizer
 
 
@@ -199,8 +198,8 @@ def bench_distill(cfg, rt, sync):
     result = {name: dict(seconds=summary(t), tokens_per_s=summary(t, tokens)) for name, t in times.items()}
     parts = statistics.median(times["student_step"]) + statistics.median(times["teacher_forward"])
     result["ratio_distill_over_sum"] = statistics.median(times["distill_step"]) / parts
-    chunk = cfg["kd_chunk_rows"] or default_chunk_rows(cfg["vocab_size"])
-    result["kd"] = dict(loss="hybrid forward_kl (distill.DEFAULTS)", kd_chunk_rows=chunk, rows=tokens,
+    chunk = cfg["chunk_rows"] or default_chunk_rows(cfg["vocab_size"])
+    result["kd"] = dict(loss="hybrid (distill.py's defaults)", **KD, chunk_rows=chunk, rows=tokens,
                         chunked=chunk < tokens)
     return result
 
@@ -245,10 +244,10 @@ def bench_generate(cfg, rt, sync, hf_ok):
 
 def bench_memory(cfg, rt):
     rows = cfg["batch_size"] * cfg["block_size"]
-    chunk = cfg["kd_chunk_rows"] or default_chunk_rows(cfg["vocab_size"])
+    chunk = cfg["chunk_rows"] or default_chunk_rows(cfg["vocab_size"])
     if chunk >= rows:
         raise UserError(f"a soft-loss chunk of {chunk} rows is not below batch_size*block_size={rows}: "
-                        f"the chunked memory variant would not chunk; lower kd_chunk_rows")
+                        f"the chunked memory variant would not chunk; lower chunk_rows")
     result = {}
     for variant in ("ce", "ce_checkpointed", "chunked", "unchunked"):
         child = dict(cfg, device=rt.device, dtype=rt.dtype, variant=variant)
@@ -274,7 +273,7 @@ def memory_child(cfg_json):
     cfg = json.loads(cfg_json)
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    rt = Runtime(dict(cfg))
+    rt = Runtime(cfg)
     x, y = batch(cfg, rt.device)
     torch.manual_seed(cfg["seed"])
     student = GPT(student_config(cfg)).to(rt.device)
@@ -283,7 +282,7 @@ def memory_child(cfg_json):
         step, optimizer = make_step(student, ce(cfg), x, y, rt)
     else:
         if cfg["variant"] == "unchunked":
-            cfg["kd_chunk_rows"] = 1 << 62
+            cfg["chunk_rows"] = 1 << 62
         step, optimizer = make_step(student, kd(cfg, teacher_model(cfg, rt.device)), x, y, rt)
     # AdamW allocates its moments on the first step: make them resident before the baseline
     for p in student.parameters():
@@ -354,7 +353,7 @@ def report(res):
     if "distill" in res:
         r = res["distill"]
         lines += ["", f"distill step (teacher {res['config']['teacher_n_layer']}x{res['config']['teacher_n_embd']}, "
-                      f"kd_chunk_rows={r['kd']['kd_chunk_rows']} of {r['kd']['rows']} rows), seconds", head]
+                      f"chunk_rows={r['kd']['chunk_rows']} of {r['kd']['rows']} rows), seconds", head]
         for name in ("distill_step", "student_step", "teacher_forward"):
             s = r[name]["seconds"]
             lines.append(f"  {name:36}{s['median']:>12.3f} {s['min']:>12.3f} {s['max']:>12.3f}  {s['n']}")

@@ -29,7 +29,8 @@ import torch.nn as nn
 import checkpoint
 from configurator import UserError, format_config, run
 from losses import hard_loss
-from trainer import Runtime, lr_at, make_optimizer
+from optim import apply_gradients, lr_at, make_optimizer
+from runtime import Runtime
 
 HF_DATASETS = ("imdb", "ag_news")  # both have text/label columns and train/test splits
 CACHE_VERSION = 1  # bump when the cached arrays change meaning
@@ -340,9 +341,6 @@ def train_classifier(clf, train, cfg, rt, frozen_epochs, train_feats):
         losses = []
         for i in range(0, len(order), cfg["batch_size"]):
             rows = order[i:i + cfg["batch_size"]]
-            lr = lr_at(step, schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
             with rt.autocast():
                 if frozen:
                     y = labels[rows]
@@ -352,11 +350,7 @@ def train_classifier(clf, train, cfg, rt, frozen_epochs, train_feats):
                     logits = clf(x, lengths)
             loss = hard_loss(logits.float(), y, label_smoothing=cfg["label_smoothing"])
             scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(clf.parameters(), cfg["grad_clip"] or float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            apply_gradients(optimizer, scaler, clf.parameters(), lr_at(step, schedule), cfg["grad_clip"])
             losses.append(loss.item())
             step += 1
         epoch_losses.append(float(np.mean(losses)))

@@ -69,7 +69,7 @@ def evaluate_all(runs, dataset, block_size, device):
     from checkpoint import load_model
     from data import BinDataset
     from evaluate import evaluate_model
-    from trainer import resolve_device
+    from runtime import resolve_device
     device = resolve_device(device)
     data = BinDataset(dataset)
     results = {}

@@ -11,9 +11,10 @@ import torch
 import checkpoint
 from configurator import UserError, run
 from data import BinDataset
-from losses import cosine_loss, default_chunk_rows, hard_loss, kd_loss
+from losses import KINDS, kd_loss_fn
+from runtime import Runtime
 from trainer import DEFAULTS as TRAIN_DEFAULTS
-from trainer import Runtime, init_model, train
+from trainer import init_model, train
 
 DEFAULTS = dict(
     TRAIN_DEFAULTS,
@@ -21,13 +22,11 @@ DEFAULTS = dict(
     distill_type="hybrid", alpha=0.5,  # alpha weighs the hard (CE) loss
     temperature=2.0, kd_loss="forward_kl", jsd_beta=0.5,
     alpha_cos=0.0,  # DistilGPT2's cosine loss on last hidden states (needs equal widths)
-    kd_chunk_rows=0,  # soft + hard loss over B*T rows in chunks of this many (0: about 4M logits a chunk)
     student_init="",  # "teacher_layers": copy embeddings, ln_f and teacher_layers' blocks
     teacher_layers="",  # e.g. "0,2,4,7,9,11"; default evenly spaced, first and last kept
 )
 
 MODES = ("output", "logit", "hybrid")
-KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 
 
 def load_teacher(cfg, data, rt):
@@ -76,40 +75,11 @@ def init_from_teacher_layers(student, teacher, layers_spec):
     return layers
 
 
-def kd_loss_fn(cfg, teacher, vocab_size):
-    mode, alpha, T = cfg["distill_type"], cfg["alpha"], cfg["temperature"]
-    use_cos = cfg["alpha_cos"] > 0
-    chunk_rows = cfg["kd_chunk_rows"] or default_chunk_rows(vocab_size)
-    if teacher is not None:
-        teacher_hidden = torch.compile(teacher.hidden_states) if cfg["compile"] else teacher.hidden_states
-
-    def loss_fn(model, x, y):
-        if mode == "output":
-            hard = hard_loss(model(x)[0], y, vocab_size, cfg["label_smoothing"], chunk_size=chunk_rows)
-            return hard, dict(hard=hard.detach())
-        logits, _, h = model(x, return_hidden=True)
-        with torch.no_grad():
-            t_h = teacher_hidden(x)
-        # the teacher's logits are formed chunk by chunk inside the loss, never all at once; the
-        # soft loss counts exactly the targets the hard loss counts
-        weight = alpha if mode == "hybrid" else 0.0  # logit mode logs the CE but learns without it
-        loss, hard, soft = kd_loss(logits, t_h, y, weight, kind=cfg["kd_loss"], temperature=T,
-                                   jsd_beta=cfg["jsd_beta"], vocab_size=vocab_size, chunk_size=chunk_rows,
-                                   teacher_head=teacher.lm_head.weight, label_smoothing=cfg["label_smoothing"])
-        parts = dict(hard=hard, soft=soft)
-        if use_cos:
-            cos = cosine_loss(h, t_h, y >= 0)
-            loss = loss + cfg["alpha_cos"] * cos
-            parts["cos"] = cos.detach()
-        return loss, parts
-    return loss_fn
-
-
 def check(cfg):
     if cfg["distill_type"] not in MODES:
         raise UserError(f"distill_type={cfg['distill_type']!r}: use one of {', '.join(MODES)}")
-    if cfg["kd_loss"] not in KD_LOSSES:
-        raise UserError(f"kd_loss={cfg['kd_loss']!r}: use one of {', '.join(KD_LOSSES)}")
+    if cfg["kd_loss"] not in KINDS:
+        raise UserError(f"kd_loss={cfg['kd_loss']!r}: use one of {', '.join(KINDS)}")
     if not 0.0 <= cfg["alpha"] <= 1.0:
         raise UserError(f"alpha={cfg['alpha']} must be in [0, 1] (the weight of the hard CE loss)")
     if cfg["temperature"] <= 0:
@@ -139,7 +109,11 @@ def main(cfg):
                             f"teacher {teacher.config.n_embd}; set alpha_cos=0")
         if cfg["distill_type"] == "output":
             teacher = None  # output distillation learns from the text alone
-        train(cfg, student, data, kd_loss_fn(cfg, teacher, student.config.vocab_size), rt, resume,
+        alpha = cfg["alpha"] if cfg["distill_type"] == "hybrid" else 0.0  # logit: CE logged, not learned
+        loss_fn = kd_loss_fn(teacher, student.config.vocab_size, alpha, cfg["kd_loss"], cfg["temperature"],
+                             cfg["jsd_beta"], cfg["label_smoothing"], cfg["chunk_rows"], cfg["alpha_cos"],
+                             compile_teacher=cfg["compile"])
+        train(cfg, student, data, loss_fn, rt, resume,
               extra_state=dict(tokenizer=data.tokenizer, teacher=cfg["teacher"]))
     finally:
         rt.close()

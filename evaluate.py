@@ -18,7 +18,8 @@ import torch
 
 from checkpoint import load_model
 from configurator import UserError, run
-from trainer import Runtime, tokens_loss
+from runtime import Runtime
+from trainer import tokens_loss
 
 DEFAULTS = dict(
     models="",  # comma-separated sources (our out_dir, HF folder, GPT-2 name), optionally name=source

@@ -17,7 +17,7 @@ in a Neural Network", sec. 2).
 The loss is true divergence, not cross-entropy to the teacher (which differs by the teacher's
 entropy and is never 0): forward KL is exactly 0 when the student equals the teacher.
 
-chunk_size bounds memory and time: (N, V) float32 log-probabilities of teacher and student exist
+chunk_rows bounds memory and time: (N, V) float32 log-probabilities of teacher and student exist
 for one chunk of rows at a time, in the backward pass too, because the gradient w.r.t. the student
 logits is written analytically chunk by chunk during the forward pass and only that gradient (in
 the student logits' dtype) is kept for backward. The teacher may pass its final hidden states and
@@ -71,19 +71,19 @@ def _log_probs(rows, V, T):
     return F.log_softmax(z if T == 1.0 else z / T, dim=-1)
 
 
-def _teacher_chunks(t, head, V, T, chunk):
+def _teacher_chunks(t, head, V, T, chunk_rows):
     """The teacher's log-probabilities, one chunk of rows at a time: from its logits, or from its
     hidden states and LM head TEACHER_BLOCK chunks at a time, because a thin (chunk, C) x (C, V)
     matmul streams the whole head weight once per chunk (1/T scales the C-wide states)."""
     if head is None:
-        for i in range(0, t.size(0), chunk):
-            yield _log_probs(t[i:i + chunk], V, T)
+        for i in range(0, t.size(0), chunk_rows):
+            yield _log_probs(t[i:i + chunk_rows], V, T)
         return
-    block = chunk * TEACHER_BLOCK
+    block = chunk_rows * TEACHER_BLOCK
     for b in range(0, t.size(0), block):
         logits = F.linear(t[b:b + block] if T == 1.0 else t[b:b + block] / T, head[:V])
-        for i in range(0, logits.size(0), chunk):
-            yield _log_probs(logits[i:i + chunk], V, 1.0)
+        for i in range(0, logits.size(0), chunk_rows):
+            yield _log_probs(logits[i:i + chunk_rows], V, 1.0)
 
 
 def _rowdot(a, b):
@@ -131,7 +131,7 @@ def _hard_rows(log_p, y, eps, with_grad):
     return nll, g.scatter_add_(1, y, torch.full_like(g[:, :1], eps - 1))
 
 
-def _chunked(s, t, head, w, kind, T, beta, V, chunk, with_grad, hard=None):
+def _chunked(s, t, head, w, kind, T, beta, V, chunk_rows, with_grad, hard=None):
     """Weighted divergence sum over rows (times T^2), one chunk of rows at a time, and its gradient
     w.r.t. the student logits. hard = (targets, alpha, eps) also sums the cross-entropy over the
     same rows and makes the gradient that of alpha * CE + (1 - alpha) * divergence; with no
@@ -142,10 +142,10 @@ def _chunked(s, t, head, w, kind, T, beta, V, chunk, with_grad, hard=None):
         grad[:, V:] = 0
     total = torch.zeros((), dtype=torch.float32, device=s.device)
     hard_total = torch.zeros((), dtype=torch.float32, device=s.device)
-    teacher = None if t is None else _teacher_chunks(t, head, V, T, chunk)
-    for i in range(0, s.size(0), chunk):
-        wi, g = w[i:i + chunk], None
-        log_ps = _log_probs(s[i:i + chunk], V, T)
+    teacher = None if t is None else _teacher_chunks(t, head, V, T, chunk_rows)
+    for i in range(0, s.size(0), chunk_rows):
+        wi, g = w[i:i + chunk_rows], None
+        log_ps = _log_probs(s[i:i + chunk_rows], V, T)
         if teacher is not None:
             div, g = _divergence(log_ps, next(teacher), kind, beta, with_grad)
             total += (div * wi).sum()
@@ -154,13 +154,13 @@ def _chunked(s, t, head, w, kind, T, beta, V, chunk, with_grad, hard=None):
         if hard is not None:
             y, alpha, eps = hard
             # at T = 1 the student's log-probabilities serve both losses
-            log_p1 = log_ps if T == 1.0 else _log_probs(s[i:i + chunk], V, 1.0)
-            nll, gh = _hard_rows(log_p1, y[i:i + chunk], eps, with_grad and alpha > 0)
+            log_p1 = log_ps if T == 1.0 else _log_probs(s[i:i + chunk_rows], V, 1.0)
+            nll, gh = _hard_rows(log_p1, y[i:i + chunk_rows], eps, with_grad and alpha > 0)
             hard_total += (nll * wi).sum()
             if gh is not None:
                 g = gh.mul_(alpha * wi[:, None]) if g is None else g.addcmul_(gh, alpha * wi[:, None])
         if with_grad:
-            grad[i:i + chunk, :V] = g
+            grad[i:i + chunk_rows, :V] = g
     return total * (T * T), hard_total, grad
 
 
@@ -170,8 +170,8 @@ class _ChunkedKD(torch.autograd.Function):
     Returns the differentiable loss and, detached, the divergence and the cross-entropy."""
 
     @staticmethod
-    def forward(ctx, s, t, head, w, kind, T, beta, V, chunk, hard):
-        soft, ce, grad = _chunked(s, t, head, w, kind, T, beta, V, chunk, True, hard)
+    def forward(ctx, s, t, head, w, kind, T, beta, V, chunk_rows, hard):
+        soft, ce, grad = _chunked(s, t, head, w, kind, T, beta, V, chunk_rows, True, hard)
         ctx.save_for_backward(grad)
         loss = soft.clone() if hard is None else hard[1] * ce + (1 - hard[1]) * soft
         ctx.mark_non_differentiable(soft, ce)
@@ -204,17 +204,17 @@ def _prepare(student_logits, teacher_logits, kind, temperature, jsd_beta, vocab_
     return s, t, head, V, float(temperature)
 
 
-def _chunk_rows(chunk_size, n):
+def _rows_per_chunk(chunk_rows, n):
     """None when the whole batch is one chunk, else a validated positive row count."""
-    if chunk_size is None or chunk_size >= n:
+    if chunk_rows is None or chunk_rows >= n:
         return None
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be a positive number of rows")
-    return int(chunk_size)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows} must be a positive number of rows")
+    return int(chunk_rows)
 
 
 def soft_loss(student_logits, teacher_logits, kind="forward_kl", temperature=2.0, jsd_beta=0.5,
-              mask=None, vocab_size=None, chunk_size=None, teacher_head=None):
+              mask=None, vocab_size=None, chunk_rows=None, teacher_head=None):
     """Divergence of (..., V) logits times T^2, averaged over positions where mask is nonzero.
     vocab_size defaults to the narrower logits; the teacher never gets a gradient. With
     teacher_head (the teacher's (V', C) LM head weight), teacher_logits are its (..., C) final
@@ -222,18 +222,18 @@ def soft_loss(student_logits, teacher_logits, kind="forward_kl", temperature=2.0
     s, t, head, V, T = _prepare(student_logits, teacher_logits, kind, temperature, jsd_beta,
                                 vocab_size, teacher_head)
     w = _weights(mask, s.size(0), s.device)
-    chunk = _chunk_rows(chunk_size, s.size(0))
-    if chunk is None:
+    chunk_rows = _rows_per_chunk(chunk_rows, s.size(0))
+    if chunk_rows is None:
         log_pt = next(_teacher_chunks(t, head, V, T, s.size(0)))  # one chunk: all rows at once
         div, _ = _divergence(_log_probs(s, V, T), log_pt, kind, jsd_beta)
         return (div * w).sum() * (T * T)
     if torch.is_grad_enabled() and s.requires_grad:
-        return _ChunkedKD.apply(s, t, head, w, kind, T, jsd_beta, V, chunk, None)[0]
-    return _chunked(s, t, head, w, kind, T, jsd_beta, V, chunk, with_grad=False)[0]
+        return _ChunkedKD.apply(s, t, head, w, kind, T, jsd_beta, V, chunk_rows, None)[0]
+    return _chunked(s, t, head, w, kind, T, jsd_beta, V, chunk_rows, with_grad=False)[0]
 
 
 def kd_loss(student_logits, teacher_logits, targets, alpha, kind="forward_kl", temperature=2.0,
-            jsd_beta=0.5, vocab_size=None, chunk_size=None, teacher_head=None, label_smoothing=0.0):
+            jsd_beta=0.5, vocab_size=None, chunk_rows=None, teacher_head=None, label_smoothing=0.0):
     """alpha * CE(targets) + (1 - alpha) * soft_loss, both averaged over the targets >= 0, and the
     two parts detached for logging: (loss, hard, soft). Chunked, one pass over the rows computes
     both and keeps a single gradient, so the cross-entropy costs neither a full-vocab
@@ -242,8 +242,8 @@ def kd_loss(student_logits, teacher_logits, targets, alpha, kind="forward_kl", t
                                 vocab_size, teacher_head)
     y = targets.reshape(-1)
     mask = y >= 0
-    chunk = _chunk_rows(chunk_size, s.size(0))
-    if chunk is None:
+    chunk_rows = _rows_per_chunk(chunk_rows, s.size(0))
+    if chunk_rows is None:
         soft = soft_loss(student_logits, teacher_logits, kind, temperature, jsd_beta, mask,
                          vocab_size, None, teacher_head)
         with torch.set_grad_enabled(torch.is_grad_enabled() and alpha > 0):
@@ -252,15 +252,15 @@ def kd_loss(student_logits, teacher_logits, targets, alpha, kind="forward_kl", t
     w = _weights(mask, s.size(0), s.device)
     hard = (y, float(alpha), float(label_smoothing))
     if torch.is_grad_enabled() and s.requires_grad:
-        loss, soft, ce = _ChunkedKD.apply(s, t, head, w, kind, T, jsd_beta, V, chunk, hard)
+        loss, soft, ce = _ChunkedKD.apply(s, t, head, w, kind, T, jsd_beta, V, chunk_rows, hard)
         return loss, ce, soft
-    soft, ce, _ = _chunked(s, t, head, w, kind, T, jsd_beta, V, chunk, False, hard)
+    soft, ce, _ = _chunked(s, t, head, w, kind, T, jsd_beta, V, chunk_rows, False, hard)
     return alpha * ce + (1 - alpha) * soft, ce, soft
 
 
-def hard_loss(logits, targets, vocab_size=None, label_smoothing=0.0, mask=None, chunk_size=None):
+def hard_loss(logits, targets, vocab_size=None, label_smoothing=0.0, mask=None, chunk_rows=None):
     """Cross-entropy over the real vocab in float32, averaged over counted targets: targets of -1
-    and positions where mask is 0 do not count. Nothing counted gives 0, not NaN. With chunk_size
+    and positions where mask is 0 do not count. Nothing counted gives 0, not NaN. With chunk_rows
     it runs one chunk of rows at a time and keeps only its gradient for backward, which at
     V=50257 skips several passes over full-vocab tensors (see kd_loss)."""
     V = vocab_size or logits.size(-1)
@@ -268,13 +268,13 @@ def hard_loss(logits, targets, vocab_size=None, label_smoothing=0.0, mask=None, 
     if mask is not None:
         targets = targets.masked_fill(~mask.reshape(-1).bool(), -1)
     rows = logits.reshape(-1, logits.size(-1))
-    chunk = _chunk_rows(chunk_size, rows.size(0))
-    if chunk is None:
+    chunk_rows = _rows_per_chunk(chunk_rows, rows.size(0))
+    if chunk_rows is None:
         total = F.cross_entropy(rows[:, :V].float(), targets, ignore_index=-1,
                                 label_smoothing=label_smoothing, reduction="sum")
         return total / (targets != -1).sum().clamp(min=1)
     w = _weights(targets >= 0, rows.size(0), rows.device)
-    args = (rows, None, None, w, "forward_kl", 1.0, 0.5, V, chunk)
+    args = (rows, None, None, w, "forward_kl", 1.0, 0.5, V, chunk_rows)
     hard = (targets, 1.0, float(label_smoothing))
     if torch.is_grad_enabled() and rows.requires_grad:
         return _ChunkedKD.apply(*args, hard)[0]
@@ -290,3 +290,49 @@ def cosine_loss(student_hidden, teacher_hidden, mask=None):
     cos = F.cosine_similarity(student_hidden.float(), teacher_hidden.detach().float(), dim=-1)
     cos = cos.reshape(-1)  # (B*T,)
     return ((1 - cos) * _weights(mask, cos.numel(), cos.device)).sum()
+
+
+# ---------------------------------------------------------------- the loss_fn a script hands the loop
+
+
+def ce_loss_fn(vocab_size, label_smoothing=0.0, chunk_rows=0):
+    """`loss_fn(model, x, y) -> (loss, {})`: cross-entropy over the targets >= 0, chunked (less
+    time and memory at V=50257); chunk_rows 0 picks default_chunk_rows."""
+    chunk_rows = chunk_rows or default_chunk_rows(vocab_size)
+
+    def loss_fn(model, x, y):
+        return hard_loss(model(x)[0], y, vocab_size, label_smoothing, chunk_rows=chunk_rows), {}
+    return loss_fn
+
+
+def kd_loss_fn(teacher, vocab_size, alpha, kind="forward_kl", temperature=2.0, jsd_beta=0.5,
+               label_smoothing=0.0, chunk_rows=0, alpha_cos=0.0, compile_teacher=False):
+    """`loss_fn(model, x, y) -> (loss, parts)` of distillation: alpha * CE + (1 - alpha) * soft
+    loss to the frozen `teacher`, plus alpha_cos * cosine loss on last hidden states; parts (hard,
+    soft, cos) detached for logging. With teacher None, CE alone (output distillation)."""
+    chunk_rows = chunk_rows or default_chunk_rows(vocab_size)
+    if teacher is None:
+        ce = ce_loss_fn(vocab_size, label_smoothing, chunk_rows)
+
+        def hard_only(model, x, y):
+            hard, _ = ce(model, x, y)
+            return hard, dict(hard=hard.detach())
+        return hard_only
+    teacher_hidden = torch.compile(teacher.hidden_states) if compile_teacher else teacher.hidden_states
+    head = teacher.lm_head.weight
+
+    def loss_fn(model, x, y):
+        logits, _, h = model(x, return_hidden=True)
+        with torch.no_grad():
+            t_h = teacher_hidden(x)
+        # the teacher's logits are formed chunk by chunk inside the loss, never all at once; the
+        # soft loss counts exactly the targets the hard loss counts
+        loss, hard, soft = kd_loss(logits, t_h, y, alpha, kind, temperature, jsd_beta, vocab_size,
+                                   chunk_rows, head, label_smoothing)
+        parts = dict(hard=hard, soft=soft)
+        if alpha_cos > 0:
+            cos = cosine_loss(h, t_h, y >= 0)
+            loss = loss + alpha_cos * cos
+            parts["cos"] = cos.detach()
+        return loss, parts
+    return loss_fn

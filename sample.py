@@ -21,7 +21,7 @@ import torch
 import checkpoint
 from configurator import UserError, run
 from tokenizer import tokenizer_from_meta
-from trainer import Runtime
+from runtime import Runtime
 
 DEFAULTS = dict(
     source="out/run",  # our out_dir or .pt, a HF GPT-2 folder, or a GPT-2 name

@@ -6,16 +6,9 @@
 """
 from configurator import run
 from data import BinDataset
-from losses import default_chunk_rows, hard_loss
-from trainer import DEFAULTS, Runtime, init_model, train
-
-
-def ce_loss(cfg, vocab_size):
-    chunk = default_chunk_rows(vocab_size)  # chunked CE: less time and memory at V=50257 (losses.py)
-
-    def loss_fn(model, x, y):
-        return hard_loss(model(x)[0], y, vocab_size, cfg["label_smoothing"], chunk_size=chunk), {}
-    return loss_fn
+from losses import ce_loss_fn
+from runtime import Runtime
+from trainer import DEFAULTS, init_model, train
 
 
 def main(cfg):
@@ -23,8 +16,8 @@ def main(cfg):
     try:
         data = BinDataset(cfg["dataset"])
         model, resume = init_model(cfg, data, rt)
-        train(cfg, model, data, ce_loss(cfg, model.config.vocab_size), rt, resume,
-              extra_state=dict(tokenizer=data.tokenizer))
+        loss_fn = ce_loss_fn(model.config.vocab_size, cfg["label_smoothing"], cfg["chunk_rows"])
+        train(cfg, model, data, loss_fn, rt, resume, extra_state=dict(tokenizer=data.tokenizer))
     finally:
         rt.close()
 

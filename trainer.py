@@ -8,19 +8,19 @@ import contextlib
 import json
 import math
 import os
-import random
 import signal
 import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import lora
+import optim
 from configurator import UserError, format_config
+from runtime import measure_peak_flops
 
 # keys every training script has; train.py and distill.py add their own
 DEFAULTS = dict(
@@ -40,139 +40,8 @@ DEFAULTS = dict(
     lora_rank=0, lora_alpha=16.0, lora_dropout=0.0, lora_targets="attn,attn_proj,mlp,mlp_proj",
     # system
     device="auto", dtype="auto", compile=False, seed=1337, max_bad_steps=10,
+    chunk_rows=0,  # the losses run over B*T rows in chunks of this many (0: about 4M logits a chunk)
 )
-
-
-# ---------------------------------------------------------------- system
-
-
-def resolve_device(device):
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
-class Runtime:
-    """Process group, device and precision of this process."""
-
-    def __init__(self, cfg):
-        self.ddp = int(os.environ.get("RANK", -1)) != -1
-        cfg["device"] = resolve_device(cfg["device"])
-        if self.ddp:
-            self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-            self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-            backend = "nccl" if cfg["device"].startswith("cuda") else "gloo"
-            if backend == "nccl":
-                cfg["device"] = f"cuda:{self.local_rank}"
-                torch.cuda.set_device(cfg["device"])
-            dist.init_process_group(backend=backend)
-        else:
-            self.rank, self.world, self.local_rank = 0, 1, 0
-        self.master = self.rank == 0
-        self.device = cfg["device"]
-        self.device_type = "cuda" if self.device.startswith("cuda") else "cpu"
-        if cfg["dtype"] == "auto":
-            cfg["dtype"] = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") \
-                if self.device_type == "cuda" else "float32"
-        self.dtype = cfg["dtype"]
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise UserError(f"dtype={self.dtype!r}: use float32, bfloat16 or float16")
-        if self.device_type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-
-    def autocast(self):
-        if self.dtype == "float32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=getattr(torch, self.dtype))
-
-    def all_mean(self, *values):
-        """Mean over ranks of a few floats (one all-reduce); the values themselves without DDP."""
-        if self.ddp:
-            t = torch.tensor(values, dtype=torch.float64, device=self.device)
-            dist.all_reduce(t)
-            values = (t / self.world).tolist()
-        return values[0] if len(values) == 1 else values
-
-    def close(self):
-        if self.ddp and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def measure_peak_flops(device, dtype=torch.float32, n=2048, repeats=5):
-    """FLOP/s of a large square matmul on this device: the ceiling MFU is measured against."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        if a.is_cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if a.is_cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
-
-
-# ---------------------------------------------------------------- optimizer and schedule
-
-
-def lr_at(step, cfg):
-    """Linear warmup, then cosine or linear decay to min_lr at lr_decay_iters (default max_iters)."""
-    lr, warmup = cfg["learning_rate"], cfg["warmup_iters"]
-    end = cfg["lr_decay_iters"] or cfg["max_iters"]
-    if step < warmup:
-        return lr * (step + 1) / (warmup + 1)
-    if cfg["decay"] == "constant" or step >= end:
-        return lr if cfg["decay"] == "constant" else cfg["min_lr"]
-    progress = (step - warmup) / max(1, end - warmup)
-    if cfg["decay"] == "linear":
-        coeff = 1.0 - progress
-    else:
-        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg["min_lr"] + coeff * (lr - cfg["min_lr"])
-
-
-def _layer_of(name, n_layer):
-    """Depth of a parameter for layer-wise LR decay: embeddings 0, block i -> i+1, head n+1."""
-    if ".h." in name:
-        return int(name.split(".h.")[1].split(".")[0]) + 1
-    if "wte" in name or "wpe" in name:
-        return 0
-    return n_layer + 1
-
-
-def freeze(model, n_blocks):
-    """Freeze embeddings and the first n_blocks blocks (the LM head is tied to wte: frozen too)."""
-    if n_blocks <= 0:
-        return
-    for name, p in model.named_parameters():
-        if "wte" in name or "wpe" in name or _layer_of(name, model.config.n_layer) <= n_blocks:
-            p.requires_grad_(False)
-
-
-def make_optimizer(model, cfg, device_type):
-    """AdamW; weight decay on matrices only (not biases, LayerNorms); with layer_lr_decay < 1 each
-    depth gets lr * decay^(n_layer + 1 - depth) (Howard & Ruder 2018; Clark et al. 2020)."""
-    n = model.config.n_layer
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = p.dim() >= 2
-        depth = _layer_of(name, n) if cfg["layer_lr_decay"] != 1.0 else n + 1
-        key = (depth, decay)
-        if key not in groups:
-            groups[key] = dict(params=[], weight_decay=cfg["weight_decay"] if decay else 0.0,
-                               lr_scale=cfg["layer_lr_decay"] ** (n + 1 - depth), depth=depth)
-        groups[key]["params"].append(p)
-    if not groups:
-        raise UserError("no trainable parameters (check freeze_layers / lora settings)")
-    # fused AdamW has CUDA and CPU kernels: one pass per tensor instead of ~8 (6x384 on CPU: the
-    # optimizer step goes from 1.73 s to 0.60 s)
-    fused = device_type in ("cuda", "cpu")
-    return torch.optim.AdamW(list(groups.values()), lr=cfg["learning_rate"],
-                             betas=(cfg["beta1"], cfg["beta2"]), fused=fused)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -217,6 +86,52 @@ def tokens_loss(model, tokens, block_size, batch_size, device="cpu", autocast=No
 def split_loss(model, data, split, block_size, batch_size, device="cpu", autocast=None, stride=None):
     return tokens_loss(model, data.tokens[split], block_size, batch_size, device, autocast, stride,
                        data.masks.get(split))
+
+
+# ---------------------------------------------------------------- one optimizer step's gradient
+
+
+def dropout_seed(seed, step, row_block):
+    """Seed of the dropout masks (model and LoRA) of one micro-batch. Like the micro-batch's rows
+    (data.py) it is a pure function of (seed, step, its place in the global batch): a resumed run,
+    whatever else has drawn from the global RNG, draws the masks it would have drawn, and a rank
+    draws its own. The trailing 2 keeps this stream apart from the data's [seed, step, split]."""
+    return int(np.random.SeedSequence([seed, step, row_block, 2]).generate_state(1, np.uint64)[0])
+
+
+def micro_batches(data, cfg, step, rt):
+    """This rank's share of step `step`'s global batch: one (x, y, dropout seed) per micro-step,
+    on rt.device."""
+    batches = []
+    for micro in range(cfg["gradient_accumulation_steps"] // rt.world):
+        x, y = data.batch("train", cfg["batch_size"], cfg["block_size"], cfg["seed"], step, micro,
+                          rt.world, rt.rank)
+        seed = dropout_seed(cfg["seed"], step, micro * rt.world + rt.rank)
+        batches.append((x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True), seed))
+    return batches
+
+
+def forward_backward(model, loss_fn, batches, rt, scaler):
+    """Accumulate one optimizer step's gradient over this rank's micro-batches so that every
+    counted target (y >= 0) weighs the same across micro-batches and ranks, as in one big batch.
+    loss_fn returns a mean over a micro-batch's counted targets; scaled by that micro-batch's share
+    of the step's counted targets (times the world size, as DDP averages over ranks), the means add
+    up to the mean over the whole step. Returns this rank's share of the step's loss and of each
+    part: their sums over ranks are the step's token-weighted means."""
+    counts = [int((y >= 0).sum()) for _, y, _ in batches]
+    total = max(rt.all_sum(float(sum(counts))), 1.0)
+    loss_sum, parts_sum = 0.0, {}
+    for i, ((x, y, seed), count) in enumerate(zip(batches, counts)):
+        torch.manual_seed(seed)
+        share = count / total
+        sync = not rt.ddp or i == len(batches) - 1  # all-reduce once per step, not per micro
+        with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast():
+            loss, parts = loss_fn(model, x, y)
+        scaler.scale(loss * (share * rt.world)).backward()
+        loss_sum += loss.item() * share
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + float(v) * share
+    return loss_sum, parts_sum
 
 
 # ---------------------------------------------------------------- the loop
@@ -282,6 +197,25 @@ class Metrics:
             self.wandb.log(record, step=record["step"])
 
 
+class Speed:
+    """Tokens/s and MFU (against a matmul peak measured on rank 0) since the last log record."""
+
+    def __init__(self, cfg, model, rt):
+        self.tokens = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+        self.flops = model.flops_per_token(cfg["block_size"]) * self.tokens
+        self.peak = measure_peak_flops(rt.device, getattr(torch, rt.dtype)) if rt.master else 0.0
+        self.since = None
+
+    def start(self, step):
+        self.since = (step, time.perf_counter())
+
+    def rates(self, step):
+        now = time.perf_counter()
+        dt = (now - self.since[1]) / (step - self.since[0])
+        self.since = (step, now)
+        return dict(tok_s=self.tokens / dt, mfu=self.flops / dt / self.peak if self.peak else 0.0)
+
+
 def state_dict_of(model):
     """What a checkpoint stores of the model: all weights, or only the adapters of a LoRA model."""
     model = getattr(model, "module", model)
@@ -289,146 +223,81 @@ def state_dict_of(model):
     return lora.adapter_state(model) if getattr(model, "lora_info", None) else model.state_dict()
 
 
-def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None):
-    """Train `model` on `data` with `loss_fn(model, x, y) -> (loss, {name: tensor})`.
+class TrainState:
+    """What a run carries from step to step and across resumes: optimizer, scaler, step, best val
+    loss and training seconds. A checkpoint is this state with the model, config and extra_state.
+    Older checkpoints also hold an "rng" entry, which nothing needs any more (dropout_seed)."""
 
-    resume: a loaded checkpoint to continue from exactly. extra_state: plain values stored in every
-    checkpoint (e.g. the tokenizer). Returns the final (exact) val loss or None.
-    """
-    from tqdm import tqdm
+    def __init__(self, cfg, model, rt, resume, extra_state):
+        self.cfg, self.model, self.rt, self.extra = cfg, model, rt, extra_state or {}
+        self.optimizer = optim.make_optimizer(model, cfg, rt.device_type)
+        self.scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")
+        self.step, self.best_val, self.clock = 0, float("inf"), 0.0
+        if resume is not None:
+            self.optimizer.load_state_dict(resume["optimizer"])
+            self.scaler.load_state_dict(resume["scaler"])
+            self.step, self.best_val = resume["step"], resume["best_val_loss"]
+            self.clock = resume.get("elapsed", 0.0)
+        self.started = time.perf_counter()
 
-    if cfg["decay"] not in ("cosine", "linear", "constant"):
-        raise UserError(f"decay={cfg['decay']!r}: use cosine, linear or constant")
+    def elapsed(self):
+        return self.clock + time.perf_counter() - self.started
+
+    def save(self, best=False):
+        if not self.rt.master:
+            return
+        raw = self.model
+        state = dict(model=state_dict_of(raw), optimizer=self.optimizer.state_dict(),
+                     scaler=self.scaler.state_dict(), config=self.cfg, model_args=raw.config.to_dict(),
+                     step=self.step, best_val_loss=self.best_val, elapsed=self.elapsed(),
+                     lora=getattr(raw, "lora_info", None), **self.extra)
+        checkpoint.save(state, self.cfg["out_dir"], self.step, self.cfg["keep_last"], best=best)
+
+    def evaluate(self, model, data, metrics):
+        """Val loss over eval_iters batches, logged, then a checkpoint (best.pt when it improved)."""
+        val = estimate_loss(model, data, self.cfg, self.rt, "val")
+        best = val < self.best_val
+        self.best_val = min(self.best_val, val)
+        metrics.log(dict(step=self.step, val_loss=val, val_ppl=math.exp(min(val, 50)), time=self.elapsed()))
+        self.save(best)
+
+
+def check(cfg, rt):
+    if cfg["decay"] not in optim.DECAYS:
+        raise UserError(f"decay={cfg['decay']!r}: use {', '.join(optim.DECAYS)}")
     accum = cfg["gradient_accumulation_steps"]
     if (cfg["batch_size"] * accum) % rt.world or accum % rt.world:
         raise UserError(f"gradient_accumulation_steps={accum} must be divisible by the world size "
                         f"{rt.world} (each rank runs accum/world micro-steps of batch_size rows)")
-    micro_steps = accum // rt.world
-    raw = model
-    optimizer = make_optimizer(raw, cfg, rt.device_type)
-    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")
-    step, best_val, clock = 0, float("inf"), 0.0  # clock: training seconds, across resumes
-    if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        step, best_val, clock = resume["step"], resume["best_val_loss"], resume.get("elapsed", 0.0)
-        _set_rng(resume["rng"])
-    else:
-        torch.manual_seed(cfg["seed"] + rt.rank)
+
+
+def wrap(model, cfg, rt):
     if cfg["compile"]:
         model = torch.compile(model)
     if rt.ddp:
         model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    return model
 
-    tokens_per_step = cfg["batch_size"] * cfg["block_size"] * accum
-    flops_per_step = raw.flops_per_token(cfg["block_size"]) * tokens_per_step
-    peak = measure_peak_flops(rt.device, torch.float32 if rt.dtype == "float32" else getattr(torch, rt.dtype)) \
-        if rt.master else 0.0
-    metrics = Metrics(cfg, rt, step if resume is not None else None)
-    stop = Stop()
-    if rt.master:
-        trainable = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-        print(f"config:\n{format_config(cfg)}")
-        print(f"model: {raw.num_params() / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable "
-              f"({100 * trainable / raw.num_params():.2f}%); {tokens_per_step} tokens per step; "
-              f"world size {rt.world}; {rt.device} {rt.dtype}")
 
-    t_start = time.perf_counter()
+def announce(cfg, model, rt, tokens_per_step):
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"config:\n{format_config(cfg)}")
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable "
+          f"({100 * trainable / model.num_params():.2f}%); {tokens_per_step} tokens per step; "
+          f"world size {rt.world}; {rt.device} {rt.dtype}")
 
-    def elapsed():
-        return clock + time.perf_counter() - t_start
 
-    def save(best=False):
-        if not rt.master:
-            return
-        state = dict(model=state_dict_of(raw), optimizer=optimizer.state_dict(),
-                     scaler=scaler.state_dict(), config=cfg, model_args=raw.config.to_dict(),
-                     step=step, best_val_loss=best_val, rng=_get_rng(), data_step=step, elapsed=elapsed(),
-                     lora=getattr(raw, "lora_info", None),
-                     **(extra_state or {}))
-        checkpoint.save(state, cfg["out_dir"], step, cfg["keep_last"], best=best)
+def skipped(step, bad_steps, loss, norm, cfg, metrics):
+    """Record a step whose update was not applied; give up after max_bad_steps in a row."""
+    metrics.log(dict(step=step, skipped=True, bad_steps=bad_steps, loss=loss, grad_norm=norm))
+    if bad_steps > cfg["max_bad_steps"]:
+        raise UserError(f"{bad_steps} non-finite steps in a row at step {step} (loss {loss}, grad "
+                        f"norm {norm}): lower learning_rate or check the data; the last good "
+                        f"checkpoint is in {cfg['out_dir']}")
 
-    def evaluate():
-        nonlocal best_val
-        val = estimate_loss(model, data, cfg, rt, "val")
-        best = val < best_val
-        best_val = min(best_val, val)
-        metrics.log(dict(step=step, val_loss=val, val_ppl=math.exp(min(val, 50)), time=elapsed()))
-        save(best)
-        return val
 
-    bar = tqdm(total=cfg["max_iters"], initial=step, disable=not rt.master, dynamic_ncols=True,
-               mininterval=1.0, desc=os.path.basename(cfg["out_dir"].rstrip("/")))
-    bad_steps = 0
-    t_last, last_logged = time.perf_counter(), step
-    try:  # the signal handlers are ours only while the loop runs
-        model.train()
-        while step < cfg["max_iters"]:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            loss_sum, parts_sum = 0.0, {}
-            for micro in range(micro_steps):
-                x, y = data.batch("train", cfg["batch_size"], cfg["block_size"], cfg["seed"], step,
-                                  micro, rt.world, rt.rank)
-                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-                sync = not rt.ddp or micro == micro_steps - 1  # all-reduce once per step, not per micro
-                with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast():
-                    loss, parts = loss_fn(model, x, y)
-                scaler.scale(loss / micro_steps).backward()
-                loss_sum += loss.item() / micro_steps
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / micro_steps
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or float("inf"))
-            # one all-reduce gives every rank the same loss and the same stop decision
-            loss_all, stopping = rt.all_mean(loss_sum, float(stop.signal is not None))
-            if math.isfinite(loss_all) and torch.isfinite(norm):
-                scaler.step(optimizer)
-                bad_steps = 0
-            else:
-                bad_steps += 1
-                metrics.log(dict(step=step + 1, skipped=True, bad_steps=bad_steps, loss=loss_all,
-                                 grad_norm=float(norm)))
-                if bad_steps > cfg["max_bad_steps"]:
-                    raise UserError(f"{bad_steps} non-finite steps in a row at step {step + 1} (loss "
-                                    f"{loss_all}, grad norm {float(norm)}): lower learning_rate or "
-                                    f"check the data; the last good checkpoint is in {cfg['out_dir']}")
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-
-            if (step % cfg["log_interval"] == 0 or step == cfg["max_iters"]) and not bad_steps:
-                now = time.perf_counter()
-                dt = (now - t_last) / (step - last_logged)
-                last_logged, t_last = step, now
-                tok_s = tokens_per_step / dt
-                mfu = flops_per_step / dt / peak if peak else 0.0
-                record = dict(step=step, loss=loss_all, lr=lr, grad_norm=float(norm), tok_s=tok_s, mfu=mfu,
-                              time=elapsed())
-                if parts_sum:
-                    means = rt.all_mean(*parts_sum.values())
-                    record.update(zip(parts_sum, means if len(parts_sum) > 1 else [means]))
-                metrics.log(record)
-                bar.set_postfix(loss=f"{loss_all:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}",
-                                mfu=f"{100 * mfu:.1f}%", refresh=False)
-            if step % cfg["eval_interval"] == 0 and step < cfg["max_iters"]:
-                evaluate()
-            if stopping:
-                save()
-                bar.close()
-                if rt.master:
-                    print(f"stopped by {stop.signal or 'a signal to another rank'} at step {step}; checkpoint saved in "
-                          f"{cfg['out_dir']}; continue with init_from=resume")
-                return None
-    finally:
-        stop.restore()
-    bar.close()
-    evaluate()
-    if not cfg["final_eval"]:
-        return None
-    val, n = split_loss(raw, data, "val", cfg["block_size"], cfg["batch_size"], rt.device, rt.autocast())
+def final_eval(model, data, cfg, rt, metrics, step):
+    val, n = split_loss(model, data, "val", cfg["block_size"], cfg["batch_size"], rt.device, rt.autocast())
     if rt.master:
         metrics.log(dict(step=step, final_val_loss=val, final_val_ppl=math.exp(min(val, 50)),
                          val_tokens=n))
@@ -436,26 +305,65 @@ def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None):
     return val
 
 
-def _get_rng():
-    np_state = np.random.get_state()
-    state = dict(python=random.getstate(), torch=torch.get_rng_state(),
-                 numpy=[np_state[0], np_state[1].tolist(), *np_state[2:]])
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None):
+    """Train `model` on `data` with `loss_fn(model, x, y) -> (loss, {name: tensor})`, both means
+    over the counted targets of one micro-batch.
 
+    resume: a loaded checkpoint to continue from exactly. extra_state: plain values stored in every
+    checkpoint (e.g. the tokenizer). Returns the final (exact) val loss or None.
+    """
+    from tqdm import tqdm
 
-def _set_rng(state):
-    random.setstate(_as_tuple(state["python"]))
-    torch.set_rng_state(state["torch"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(x):
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+    check(cfg, rt)
+    raw = model
+    speed = Speed(cfg, raw, rt)
+    metrics = Metrics(cfg, rt, None if resume is None else resume["step"])
+    model = wrap(raw, cfg, rt)
+    if rt.master:
+        announce(cfg, raw, rt, speed.tokens)
+    state = TrainState(cfg, raw, rt, resume, extra_state)
+    bar = tqdm(total=cfg["max_iters"], initial=state.step, disable=not rt.master, dynamic_ncols=True,
+               mininterval=1.0, desc=os.path.basename(cfg["out_dir"].rstrip("/")))
+    stop, stopping, bad_steps = Stop(), False, 0
+    speed.start(state.step)
+    try:  # the signal handlers are ours only while the loop runs
+        model.train()
+        while state.step < cfg["max_iters"] and not stopping:
+            lr = optim.lr_at(state.step, cfg)
+            batches = micro_batches(data, cfg, state.step, rt)
+            loss, parts = forward_backward(model, loss_fn, batches, rt, state.scaler)
+            # one all-reduce gives every rank the same loss and the same stop decision
+            loss, stops = rt.all_sum(loss, float(stop.signal is not None))
+            stopping = stops > 0
+            norm, applied = optim.apply_gradients(state.optimizer, state.scaler, raw.parameters(), lr,
+                                       cfg["grad_clip"], finite=math.isfinite(loss))
+            state.step += 1
+            bar.update(1)
+            bad_steps = 0 if applied else bad_steps + 1
+            if bad_steps:
+                skipped(state.step, bad_steps, loss, norm, cfg, metrics)
+            elif state.step % cfg["log_interval"] == 0 or state.step == cfg["max_iters"]:
+                record = dict(step=state.step, loss=loss, lr=lr, grad_norm=norm, **speed.rates(state.step),
+                              time=state.elapsed())
+                if parts:
+                    sums = rt.all_sum(*parts.values())
+                    record.update(zip(parts, sums if len(parts) > 1 else [sums]))
+                metrics.log(record)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tok_s']:.0f}",
+                                mfu=f"{100 * record['mfu']:.1f}%", refresh=False)
+            if state.step % cfg["eval_interval"] == 0 and state.step < cfg["max_iters"]:
+                state.evaluate(model, data, metrics)
+    finally:
+        stop.restore()
+        bar.close()
+    if stopping:
+        state.save()
+        if rt.master:
+            print(f"stopped by {stop.signal or 'a signal to another rank'} at step {state.step}; checkpoint "
+                  f"saved in {cfg['out_dir']}; continue with init_from=resume")
+        return None
+    state.evaluate(model, data, metrics)
+    return final_eval(raw, data, cfg, rt, metrics, state.step) if cfg["final_eval"] else None
 
 
 # ---------------------------------------------------------------- building the model to train
@@ -486,7 +394,7 @@ def init_model(cfg, data, rt):
         if "optimizer" not in resume:
             raise UserError(f"{out_dir} holds weights without training state (a converted model?): "
                             f"fine-tune from it with init_from={out_dir} and another out_dir")
-        model = checkpoint.model_from_checkpoint(resume, merge_lora=False)
+        model = checkpoint.model_from_checkpoint(resume, cfg["dropout"], merge_lora=False)
     else:
         model, tokenizer, _ = checkpoint.load_model(init, dropout=cfg["dropout"])
         if tokenizer.get("tokenizer") != data.meta.get("tokenizer"):
@@ -499,11 +407,12 @@ def init_model(cfg, data, rt):
     if cfg["lora_rank"] and resume is None:
         if init == "scratch":
             raise UserError("LoRA adapts a trained model: set init_from to a checkpoint, HF folder or GPT-2 name")
+        torch.manual_seed(cfg["seed"])  # the adapters' initialisation
         lora.apply(model, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
         model.lora_info = dict(base=init, rank=cfg["lora_rank"], alpha=cfg["lora_alpha"],
                                dropout=cfg["lora_dropout"], targets=cfg["lora_targets"])
     model.gradient_checkpointing = cfg["gradient_checkpointing"]
-    freeze(model, cfg["freeze_layers"])
+    optim.freeze(model, cfg["freeze_layers"])
     if init == "scratch" and cfg["overwrite"] and rt.master:
         checkpoint.clear(out_dir)  # only now, after every check has passed
     return model.to(rt.device), resume

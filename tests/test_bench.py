@@ -4,7 +4,7 @@ import json
 from conftest import run_script
 
 TINY_BENCH = ["n_layer=2", "n_head=2", "n_embd=64", "block_size=32", "batch_size=2",
-              "teacher_n_layer=2", "teacher_n_head=2", "teacher_n_embd=64", "kd_chunk_rows=16",
+              "teacher_n_layer=2", "teacher_n_head=2", "teacher_n_embd=64", "chunk_rows=16",
               "warmup=1", "repeats=1", "gen_tokens=8,", "prompt_len=4", "device=cpu", "dtype=float32"]
 
 

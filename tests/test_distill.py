@@ -37,9 +37,9 @@ def test_teacher_untouched(char_data, teacher, tmp_path):
 
 def test_teacher_gets_no_gradient_and_alpha1_is_ce(char_data, teacher):
     from data import BinDataset
-    from distill import DEFAULTS, kd_loss_fn, load_teacher
-    from train import ce_loss
-    from trainer import Runtime
+    from distill import DEFAULTS, load_teacher
+    from losses import ce_loss_fn, kd_loss_fn
+    from runtime import Runtime
     from model import GPT, GPTConfig
     cfg = dict(DEFAULTS, dataset=char_data, teacher=teacher, block_size=64, alpha=1.0, distill_type="hybrid")
     rt = Runtime(cfg)
@@ -49,7 +49,7 @@ def test_teacher_gets_no_gradient_and_alpha1_is_ce(char_data, teacher):
     student = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=data.vocab_size))
     x, y = data.batch("train", 4, 64, 0, 0, 0)
     grads = []
-    for fn in (kd_loss_fn(cfg, t, data.vocab_size), ce_loss(cfg, data.vocab_size)):
+    for fn in (kd_loss_fn(t, data.vocab_size, alpha=1.0), ce_loss_fn(data.vocab_size)):
         student.zero_grad()
         fn(student, x, y)[0].backward()
         grads.append([p.grad.clone() for p in student.parameters()])
@@ -61,7 +61,7 @@ def test_teacher_gets_no_gradient_and_alpha1_is_ce(char_data, teacher):
 def test_resume_is_bit_exact(char_data, teacher, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     common = [*STUDENT, f"dataset={char_data}", f"teacher={teacher}", "eval_interval=5",
-              "lr_decay_iters=20", "kd_loss=jsd", "kd_chunk_rows=100"]
+              "lr_decay_iters=20", "kd_loss=jsd", "chunk_rows=100"]
     run_script("distill.py", *common, f"out_dir={a}", "max_iters=20")
     run_script("distill.py", *common, f"out_dir={b}", "max_iters=10")
     run_script("distill.py", *common, f"out_dir={b}", "max_iters=20", "init_from=resume")

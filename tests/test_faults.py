@@ -22,7 +22,8 @@ import trainer
 from configurator import UserError, load_config
 from conftest import ROOT, TINY, read_metrics, run_script, step_losses
 from data import BinDataset
-from train import ce_loss
+from losses import ce_loss_fn
+from runtime import Runtime
 
 RUN = [*TINY, "eval_interval=2", "max_iters=40", "final_eval=False"]
 STUDENT = ["n_layer=1", *TINY[1:], "distill_type=hybrid", "eval_interval=2", "max_iters=30",
@@ -247,6 +248,41 @@ def test_distill_killed_anywhere_resumes_bit_exact(char_data, reference, tmp_pat
     assert all("soft" in r for r in read_metrics(out) if "loss" in r and not r.get("skipped"))
 
 
+# ---------------------------------------------------------------- dropout across a kill
+
+
+DROPOUT = [*TINY, "eval_interval=10", "max_iters=200", "lr_decay_iters=200", "final_eval=False",
+           "dropout=0.1"]
+
+
+def kill_after_checkpoint(argv, out_dir, step, log):
+    """SIGKILL a run once it has logged `step` and written a checkpoint (so a resume repeats the
+    steps since that checkpoint)."""
+    proc = Proc(argv, log)
+    try:
+        assert until(lambda: last_step(out_dir) >= step and os.path.exists(os.path.join(out_dir, "ckpt.pt")),
+                     proc, poll=0.001), proc.tail()
+        os.kill(proc.p.pid, signal.SIGKILL)
+        assert proc.wait(60) == -signal.SIGKILL, proc.tail()
+    finally:
+        proc.cleanup()
+
+
+@pytest.mark.parametrize("adapters", [False, True], ids=["dropout", "lora_dropout"])
+def test_dropout_run_killed_resumes_bit_exact(char_data, reference, tmp_path, adapters):
+    """Dropout masks after a resume are those the uninterrupted run drew: every step loss and
+    weight equal, for the model's dropout and for LoRA's."""
+    argv = [*DROPOUT, f"dataset={char_data}"]
+    if adapters:
+        argv += [f"init_from={reference[0]}", "lora_rank=4", "lora_dropout=0.2"]
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    run_script("train.py", *argv, f"out_dir={straight}")
+    kill_after_checkpoint(script("train.py", *argv, f"out_dir={out}"), str(out), 15, str(tmp_path / "log"))
+    assert 10 <= check_checkpoints(out) < 200
+    run_script("train.py", *argv, f"out_dir={out}", "init_from=resume")
+    assert_same_run(final_state(out), final_state(straight))
+
+
 # ---------------------------------------------------------------- SIGTERM / SIGINT
 
 
@@ -365,7 +401,7 @@ def loop(char_data, tmp_path, monkeypatch):
     def build(*overrides):
         cfg = load_config(trainer.DEFAULTS, [*TINY, f"dataset={char_data}", f"out_dir={tmp_path / 'run'}",
                                              "final_eval=False", *overrides])
-        rt = trainer.Runtime(cfg)
+        rt = Runtime(cfg)
         data = BinDataset(cfg["dataset"])
         model, _ = trainer.init_model(cfg, data, rt)
         return cfg, rt, data, model
@@ -382,7 +418,7 @@ def same(a, b):
 def test_nan_steps_are_skipped_and_training_goes_on(loop):
     cfg, rt, data, model = loop("max_iters=12", "eval_interval=4")
     bad = {3, 7, 8}
-    loss_fn = NaNOn(ce_loss(cfg, data.vocab_size), lambda call: call in bad)
+    loss_fn = NaNOn(ce_loss_fn(data.vocab_size), lambda call: call in bad)
     trainer.train(cfg, model, data, loss_fn, rt)
     assert loss_fn.calls == 12
     states = dict(loss_fn.states)
@@ -401,7 +437,7 @@ def test_nan_steps_are_skipped_and_training_goes_on(loop):
 
 def test_nan_every_step_ends_run_after_max_bad_steps(loop):
     cfg, rt, data, model = loop("max_iters=40", "eval_interval=2", "max_bad_steps=3")
-    loss_fn = NaNOn(ce_loss(cfg, data.vocab_size), lambda call: call > 4)
+    loss_fn = NaNOn(ce_loss_fn(data.vocab_size), lambda call: call > 4)
     with pytest.raises(UserError, match=r"^4 non-finite steps in a row at step 8 ") as e:
         trainer.train(cfg, model, data, loss_fn, rt)
     assert "\n" not in str(e.value) and cfg["out_dir"] in str(e.value)
@@ -415,7 +451,7 @@ def test_nan_every_step_ends_run_after_max_bad_steps(loop):
 def test_signal_handlers_restored_after_train(loop):
     cfg, rt, data, model = loop("max_iters=2", "eval_interval=100")
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    trainer.train(cfg, model, data, ce_loss(cfg, data.vocab_size), rt)
+    trainer.train(cfg, model, data, ce_loss_fn(data.vocab_size), rt)
     assert {s: signal.getsignal(s) for s in before} == before
 
 

@@ -7,7 +7,8 @@ import lora
 from checkpoint import load, load_model
 from conftest import TINY, run_script
 from model import GPT, GPT2_SIZES, GPTConfig
-from trainer import DEFAULTS, freeze, make_optimizer
+from optim import freeze, make_optimizer
+from trainer import DEFAULTS
 
 
 def test_lora_trains_only_adapters_and_merges(char_data, tmp_path):
@@ -77,7 +78,7 @@ def test_masked_targets_do_not_count(tmp_path):
     import json
     import numpy as np
     from data import BinDataset
-    from train import ce_loss
+    from losses import ce_loss_fn
     tokens = np.random.default_rng(0).integers(0, 50, 400).astype(np.uint16)
     mask = (np.arange(400) % 10 >= 4).astype(np.uint8)  # 4 prompt tokens, 6 response tokens
     for split in ("train", "val"):
@@ -92,7 +93,7 @@ def test_masked_targets_do_not_count(tmp_path):
         assert ((y[r] == -1).numpy() == (mask[s + 1:s + 17] == 0)).all()
     torch.manual_seed(0)
     m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50))
-    fn = ce_loss(dict(DEFAULTS), 50)
+    fn = ce_loss_fn(50)
 
     def loss_and_grad(labels):
         loss = fn(m, x, torch.where(y >= 0, labels, -1))[0]

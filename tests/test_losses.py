@@ -98,13 +98,13 @@ def test_chunked_equals_unchunked(kind, chunk):
     mask = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 0, 1]], dtype=torch.bool)
     kw = dict(kind=kind, temperature=2.0, jsd_beta=0.3, mask=mask, vocab_size=11)
     ref, ref_grad = value_and_grad(s, t, **kw)
-    got, got_grad = value_and_grad(s, t, chunk_size=chunk, **kw)
+    got, got_grad = value_and_grad(s, t, chunk_rows=chunk, **kw)
     assert abs(got - ref) < 1e-6
     assert torch.allclose(got_grad, ref_grad, atol=1e-6, rtol=0)
     assert ref_grad.abs().max() > 1e-3  # the comparison is not of two zero tensors
     # the analytic gradient follows the upstream gradient (here loss * 3)
     s2 = s.clone().requires_grad_(True)
-    (3 * soft_loss(s2, t, chunk_size=chunk, **kw)).backward()
+    (3 * soft_loss(s2, t, chunk_rows=chunk, **kw)).backward()
     assert torch.allclose(s2.grad, 3 * ref_grad, atol=3e-6, rtol=0)
 
 
@@ -114,7 +114,7 @@ def test_teacher_hidden_and_head_equal_its_logits(kind, chunk):
     # the teacher's logits formed chunk by chunk from its hidden states (B=2, T=5, C=6) and padded
     # head (13 rows, 11 real) give the loss and gradient of the logits formed all at once
     s, h, head = logits(2, 5, 13, seed=30), logits(2, 5, 6, seed=31, scale=1.0), logits(13, 6, seed=32)
-    kw = dict(kind=kind, temperature=2.0, vocab_size=11, chunk_size=chunk)
+    kw = dict(kind=kind, temperature=2.0, vocab_size=11, chunk_rows=chunk)
     ref, ref_grad = value_and_grad(s, h @ head.T, **kw)
     got, got_grad = value_and_grad(s, h, teacher_head=head, **kw)
     assert abs(got - ref) < 1e-5 and ref > 0.1
@@ -136,7 +136,7 @@ def test_fused_kd_loss_equals_ce_plus_soft(kind, T, alpha, eps):
     hard = hard_loss(s1, y, 11, label_smoothing=eps)
     (alpha * hard + (1 - alpha) * soft).backward()
     loss, got_hard, got_soft = kd_loss(s2, h, y, alpha, kind=kind, temperature=T, jsd_beta=0.3,
-                                       vocab_size=11, chunk_size=3, teacher_head=head, label_smoothing=eps)
+                                       vocab_size=11, chunk_rows=3, teacher_head=head, label_smoothing=eps)
     (2 * loss).backward()
     assert abs(got_hard - hard) < 1e-5 and abs(got_soft - soft) < 1e-5
     assert abs(loss - (alpha * hard + (1 - alpha) * soft)) < 1e-5
@@ -145,14 +145,14 @@ def test_fused_kd_loss_equals_ce_plus_soft(kind, T, alpha, eps):
     with torch.no_grad():  # the chunked value without a graph, and the unchunked path
         for chunk in (3, None):
             again = kd_loss(s, h, y, alpha, kind=kind, temperature=T, jsd_beta=0.3, vocab_size=11,
-                            chunk_size=chunk, teacher_head=head, label_smoothing=eps)
+                            chunk_rows=chunk, teacher_head=head, label_smoothing=eps)
             assert all(abs(a - b) < 1e-5 for a, b in zip(again, (loss, got_hard, got_soft)))
 
 
 def test_chunked_bf16_gradient_kept_in_bf16():
     s, t = logits(10, 11, seed=8).bfloat16(), logits(10, 11, seed=9).bfloat16()
     ref, ref_grad = value_and_grad(s.float(), t)
-    got, got_grad = value_and_grad(s, t, chunk_size=3)
+    got, got_grad = value_and_grad(s, t, chunk_rows=3)
     assert got.dtype == torch.float32 and got_grad.dtype == torch.bfloat16
     assert abs(got - ref) < 1e-5
     assert torch.allclose(got_grad.float(), ref_grad, atol=1e-3, rtol=1e-2)
@@ -162,7 +162,7 @@ def test_chunked_bf16_gradient_kept_in_bf16():
 @pytest.mark.parametrize("chunk", [None, 3])
 def test_padded_columns_never_matter(kind, chunk):
     s, t = logits(7, 13, seed=10), logits(7, 11, seed=11)
-    kw = dict(kind=kind, vocab_size=11, chunk_size=chunk)
+    kw = dict(kind=kind, vocab_size=11, chunk_rows=chunk)
     a, ga = value_and_grad(s, t, **kw)
     s2 = s.clone()
     s2[:, 11:] = 1e4  # would dominate any softmax that saw them
@@ -170,7 +170,7 @@ def test_padded_columns_never_matter(kind, chunk):
     assert torch.equal(a, b) and torch.equal(ga, gb)
     assert torch.all(ga[:, 11:] == 0)
     # without vocab_size the narrower width (the teacher's) is the real vocab
-    assert torch.equal(soft_loss(s2, t, kind=kind, chunk_size=chunk), a)
+    assert torch.equal(soft_loss(s2, t, kind=kind, chunk_rows=chunk), a)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -178,7 +178,7 @@ def test_padded_columns_never_matter(kind, chunk):
 def test_masked_positions_do_not_matter(kind, chunk):
     s, t = logits(2, 4, 11, seed=12), logits(2, 4, 11, seed=13)
     mask = torch.tensor([[1, 0, 1, 1], [0, 0, 1, 0]])
-    kw = dict(kind=kind, mask=mask, chunk_size=chunk)
+    kw = dict(kind=kind, mask=mask, chunk_rows=chunk)
     a, ga = value_and_grad(s, t, **kw)
     s2, t2 = s.clone(), t.clone()
     s2[mask == 0], t2[mask == 0] = 50.0, -50.0
@@ -188,7 +188,7 @@ def test_masked_positions_do_not_matter(kind, chunk):
     # a fully masked duplicate sequence of garbage changes nothing: the mean is per counted token
     s3, t3 = torch.cat([s, logits(2, 4, 11, seed=14)]), torch.cat([t, logits(2, 4, 11, seed=15)])
     m3 = torch.cat([mask, torch.zeros_like(mask)])
-    c, _ = value_and_grad(s3, t3, kind=kind, mask=m3, chunk_size=chunk)
+    c, _ = value_and_grad(s3, t3, kind=kind, mask=m3, chunk_rows=chunk)
     assert abs(a - c) < 1e-6
 
 
@@ -204,7 +204,7 @@ def test_mean_is_per_token_not_per_sequence():
 @pytest.mark.parametrize("chunk", [None, 2])
 def test_nothing_counted_is_zero_with_a_graph(chunk):
     s, t = logits(2, 3, 11, seed=18), logits(2, 3, 11, seed=19)
-    loss, grad = value_and_grad(s, t, mask=torch.zeros(2, 3), chunk_size=chunk)
+    loss, grad = value_and_grad(s, t, mask=torch.zeros(2, 3), chunk_rows=chunk)
     assert loss.item() == 0.0 and torch.all(grad == 0)
     h = logits(2, 3, 8).requires_grad_(True)
     c = cosine_loss(h, logits(2, 3, 8, seed=1), mask=torch.zeros(2, 3))
@@ -215,14 +215,14 @@ def test_nothing_counted_is_zero_with_a_graph(chunk):
 @pytest.mark.parametrize("chunk", [None, 2])
 def test_teacher_gets_no_gradient(chunk):
     s, t = logits(5, 11).requires_grad_(True), logits(5, 11, seed=1).requires_grad_(True)
-    soft_loss(s, t, kind="jsd", chunk_size=chunk).backward()
+    soft_loss(s, t, kind="jsd", chunk_rows=chunk).backward()
     assert t.grad is None and s.grad is not None
 
 
 def test_chunked_without_grad_gives_the_same_value():
     s, t = logits(7, 11, seed=20), logits(7, 11, seed=21)
     with torch.no_grad():
-        assert abs(soft_loss(s, t, kind="reverse_kl", chunk_size=3)
+        assert abs(soft_loss(s, t, kind="reverse_kl", chunk_rows=3)
                    - soft_loss(s, t, kind="reverse_kl")) < 1e-6
 
 
@@ -242,7 +242,7 @@ def test_chunking_saves_only_the_student_gradient():
     N, Vp, V = 64, 40, 37
     s, t = logits(N, Vp, seed=22).requires_grad_(True), logits(N, V, seed=23)
     for kind in KINDS:
-        chunked = _saved_bytes(lambda: soft_loss(s, t, kind=kind, vocab_size=V, chunk_size=8))
+        chunked = _saved_bytes(lambda: soft_loss(s, t, kind=kind, vocab_size=V, chunk_rows=8))
         plain = _saved_bytes(lambda: soft_loss(s, t, kind=kind, vocab_size=V))
         assert chunked == N * Vp * 4  # one float32 gradient the size of the student logits
         assert plain >= 2 * N * V * 4  # autograd keeps float32 log-probs of both sides
@@ -285,15 +285,15 @@ def test_chunked_hard_loss_equals_cross_entropy(eps, dtype):
     a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     ref = F.cross_entropy(a[..., :11][keep].float(), y[keep], label_smoothing=eps)
     ref.backward()
-    got = hard_loss(b, y, 11, eps, mask=mask, chunk_size=4)
+    got = hard_loss(b, y, 11, eps, mask=mask, chunk_rows=4)
     got.backward()
     assert got.dtype == torch.float32 and b.grad.dtype == dtype
     assert abs(got - ref) < 1e-5
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     assert torch.allclose(b.grad.float(), a.grad.float(), atol=tol, rtol=0) and a.grad.abs().max() > 1e-3
     with torch.no_grad():
-        assert abs(hard_loss(x, y, 11, eps, mask=mask, chunk_size=4) - ref) < 1e-5
-    zero = hard_loss(x.clone().requires_grad_(True), torch.full((3, 5), -1), 11, chunk_size=4)
+        assert abs(hard_loss(x, y, 11, eps, mask=mask, chunk_rows=4) - ref) < 1e-5
+    zero = hard_loss(x.clone().requires_grad_(True), torch.full((3, 5), -1), 11, chunk_rows=4)
     zero.backward()
     assert zero.item() == 0.0
 
