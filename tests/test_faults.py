@@ -372,6 +372,32 @@ def test_ddp_rank_killed_stops_job_and_resume_matches(char_data, tmp_path):
     assert_same_run(final_state(out), final_state(straight), atol=1e-6)
 
 
+def test_ddp_dropout_stopped_resumes_bit_exact(char_data, tmp_path):
+    """SIGTERM to rank 1 alone: both ranks stop at the same step, rank 0 saves, and the resumed
+    2-rank run with dropout ends bit for bit where the uninterrupted one does (each rank's masks
+    depend on its rank, not on rank 0's RNG state in the checkpoint)."""
+    common = [*TINY, f"dataset={char_data}", "eval_interval=10", "max_iters=60", "final_eval=False",
+              "gradient_accumulation_steps=2", "dropout=0.1"]
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    p = subprocess.run(torchrun(*common, f"out_dir={straight}"), cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    proc = Proc(torchrun(*common, f"out_dir={out}"), str(tmp_path / "ddp"))
+    try:
+        assert until(lambda: last_step(out) >= 5, proc, 240), proc.tail()
+        os.kill(workers(proc.p.pid)[1], signal.SIGTERM)
+        assert proc.wait(120) == 0, proc.tail()
+    finally:
+        proc.cleanup()
+    m = re.search(r"stopped by a signal to another rank at step (\d+)", proc.stdout())
+    assert m, proc.tail()
+    assert check_checkpoints(out) == int(m.group(1)) < 60
+    p = subprocess.run(torchrun(*common, f"out_dir={out}", "init_from=resume"), cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_run(final_state(out), final_state(straight))
+
+
 # ---------------------------------------------------------------- non-finite steps, in process
 
 
