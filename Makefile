@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo bench clean
+.PHONY: test gpu-check demo bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -11,6 +11,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 tests
+
+# bf16/fp16 autocast, compile, fused AdamW, NCCL and bench.py on CUDA; they skip without a GPU
+gpu-check: $(VENV)/.installed
+	$(PY) -m pytest -q -p no:xdist -m gpu -rs tests/test_gpu.py
 
 demo: $(VENV)/.installed
 	$(PY) demo.py

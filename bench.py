@@ -97,15 +97,15 @@ def kd(cfg, teacher):
 
 
 def make_step(model, loss_fn, x, y, rt):
-    """One training step as trainer.train takes it: forward, loss, backward, clip, AdamW."""
+    """One training step as trainer.train takes it: forward, loss, (scaled) backward, clip, AdamW."""
     optimizer = make_optimizer(model, OPTIM, rt.device_type)
-    scaler = torch.amp.GradScaler(rt.device_type, enabled=False)  # float16 is refused in main()
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step():
         with rt.autocast():
             loss, _ = loss_fn(model, x, y)
-        loss.backward()
+        scaler.scale(loss).backward()
         apply_gradients(optimizer, scaler, params, OPTIM["learning_rate"], 1.0)
     return step, optimizer
 
@@ -392,8 +392,6 @@ def main(cfg):
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     rt = Runtime(cfg)
-    if rt.dtype == "float16":
-        raise UserError("dtype=float16 would need a grad scaler: use float32 or bfloat16")
     hf_ok = cfg["hf"]
     if hf_ok:
         try:

@@ -1,8 +1,10 @@
 """The one training loop, shared by train.py and distill.py.
 
 A script builds the model and a `loss_fn(model, x, y) -> (loss, parts)`; `train()` does the rest:
-DDP, gradient accumulation, AdamW, warmup + cosine/linear decay, clipping, autocast, evaluation,
-exact resume, checkpoints, metrics.jsonl, the progress bar and wandb.
+DDP, gradient accumulation that weighs every counted target alike, AdamW with its schedule and
+clipping (optim.py), autocast (runtime.py), evaluation, exact resume (a micro-batch's rows and
+dropout masks are drawn from (seed, step, its place in the global batch)), checkpoints,
+metrics.jsonl, the progress bar and wandb.
 """
 import contextlib
 import json
@@ -296,6 +298,16 @@ def skipped(step, bad_steps, loss, norm, cfg, metrics):
                         f"checkpoint is in {cfg['out_dir']}")
 
 
+def step_record(state, loss, parts, lr, norm, speed, rt):
+    """A training step's metrics line; its parts, this rank's shares, summed over ranks."""
+    record = dict(step=state.step, loss=loss, lr=lr, grad_norm=norm, **speed.rates(state.step),
+                  time=state.elapsed())
+    if parts:
+        sums = rt.all_sum(*parts.values())
+        record.update(zip(parts, sums if len(parts) > 1 else [sums]))
+    return record
+
+
 def final_eval(model, data, cfg, rt, metrics, step):
     val, n = split_loss(model, data, "val", cfg["block_size"], cfg["batch_size"], rt.device, rt.autocast())
     if rt.master:
@@ -336,18 +348,14 @@ def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None):
             loss, stops = rt.all_sum(loss, float(stop.signal is not None))
             stopping = stops > 0
             norm, applied = optim.apply_gradients(state.optimizer, state.scaler, raw.parameters(), lr,
-                                       cfg["grad_clip"], finite=math.isfinite(loss))
+                                                  cfg["grad_clip"], finite=math.isfinite(loss))
             state.step += 1
             bar.update(1)
             bad_steps = 0 if applied else bad_steps + 1
             if bad_steps:
                 skipped(state.step, bad_steps, loss, norm, cfg, metrics)
             elif state.step % cfg["log_interval"] == 0 or state.step == cfg["max_iters"]:
-                record = dict(step=state.step, loss=loss, lr=lr, grad_norm=norm, **speed.rates(state.step),
-                              time=state.elapsed())
-                if parts:
-                    sums = rt.all_sum(*parts.values())
-                    record.update(zip(parts, sums if len(parts) > 1 else [sums]))
+                record = step_record(state, loss, parts, lr, norm, speed, rt)
                 metrics.log(record)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tok_s']:.0f}",
                                 mfu=f"{100 * record['mfu']:.1f}%", refresh=False)
