@@ -55,6 +55,7 @@ def test_checkpoints_kept_and_linked(char_data, tmp_path):
     assert os.path.samefile(out / "ckpt.pt", out / "ckpt_00000012.pt")
     ck = load(out)
     assert ck["step"] == 12 and ck["config"]["max_iters"] == 12
+    assert ck["config"]["device"] == ck["config"]["dtype"] == "auto"  # as the user gave them
     assert ck["tokenizer"]["tokenizer"] == "char"
     assert os.path.exists(out / "best.pt")
 
