@@ -1,7 +1,8 @@
 """AdamW with per-depth learning rates, the warmup + decay schedule, freezing, and one optimizer step.
 
-The training loop, the classifier's fine-tuning and the benchmark all step through `apply_gradients()`, so
-unscaling, clipping and skipping a non-finite update happen the same way everywhere.
+The training loop, the classifier's fine-tuning and the benchmark all step through
+`apply_gradients()`, so unscaling, clipping and skipping a non-finite update happen the same way
+everywhere.
 """
 import math
 
