@@ -285,7 +285,8 @@ def describe(info):
     i = identity(info)
     size = i.get("vocab_size", "unknown")
     if "chars" in i:
-        return f"char tokenizer ({len(i['chars'])} characters)"
+        n = len(i["chars"])
+        return f"char tokenizer ({n} characters{'' if size == n else f', vocab {size}'})"
     if "vocab_sha256" in i:
         return (f"tokenizer {info.get('tokenizer_path') or TOKENIZER_FILE} (vocab {size}, "
                 f"sha256 {i['vocab_sha256'][:12]})")
