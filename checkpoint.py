@@ -16,6 +16,7 @@ import torch
 
 from configurator import UserError
 from model import GPT, GPTConfig
+from tokenizer import TOKENIZER_FILE, check_model, get_tokenizer
 
 LATEST, BEST = "ckpt.pt", "best.pt"
 
@@ -104,6 +105,11 @@ def is_hf_folder(source):
 GPT2_TOKENIZER = {"tokenizer": "gpt2", "vocab_size": 50257}
 
 
+def tokenizer_of(ckpt):
+    """The checkpoint's tokenizer record; checkpoints from before records were kept are GPT-2's."""
+    return ckpt.get("tokenizer", GPT2_TOKENIZER)
+
+
 def model_from_checkpoint(ckpt, dropout=None, merge_lora=True):
     """Rebuild the model a checkpoint holds; a LoRA checkpoint is its base plus its adapters."""
     import lora
@@ -131,10 +137,15 @@ def load_model(source, device="cpu", dropout=None):
     if is_checkpoint(source):
         ckpt = load(source)
         model = model_from_checkpoint(ckpt, dropout)
-        return model.to(device), ckpt.get("tokenizer", GPT2_TOKENIZER), ckpt
+        check_model(tokenizer_of(ckpt), model.config.vocab_size, source)
+        return model.to(device), tokenizer_of(ckpt), ckpt
     if os.path.isdir(source) and not is_hf_folder(source):
         raise UserError(f"{source} holds neither {LATEST} nor a HF config.json")
     if not os.path.exists(source) and ("/" in source or source.endswith(".pt")):
         raise UserError(f"checkpoint not found: {source}")
     model = GPT.from_pretrained(source, dropout=dropout or 0.0)
-    return model.to(device), dict(GPT2_TOKENIZER, vocab_size=model.config.vocab_size), None
+    tokenizer = dict(GPT2_TOKENIZER, vocab_size=model.config.vocab_size)
+    if os.path.isfile(os.path.join(source, TOKENIZER_FILE)):  # GPT-2's own is recognised as gpt2
+        tokenizer = get_tokenizer(source).info
+    check_model(tokenizer, model.config.vocab_size, source)
+    return model.to(device), tokenizer, None

@@ -380,7 +380,7 @@ def _new_classifier(backbone, n_classes, cfg, pad_id, device):
 def classify(cfg, rt, source, name, spec, out_dir):
     """Fine-tune `source` on one dataset (and train the head-only baseline); write and return
     the metrics."""
-    from tokenizer import tokenizer_from_meta
+    from tokenizer import identity, tokenizer_from_meta
 
     t0 = time.perf_counter()
     backbone, tok_info, _ = checkpoint.load_model(source, rt.device, dropout=cfg["dropout"])
@@ -413,7 +413,8 @@ def classify(cfg, rt, source, name, spec, out_dir):
     metrics = dict(model=source, data=name, labels=names, n_train=len(train), n_test=len(test),
                    max_len=max_len, params=backbone.num_params(), **results,
                    wall_seconds=time.perf_counter() - t0)
-    write_results(out_dir, cfg, metrics, test.labels, preds, names, dict(tokenizer=tok_info, cache=cache))
+    write_results(out_dir, cfg, metrics, test.labels, preds, names,
+                  dict(tokenizer=identity(tok_info), cache=cache))
     print(report(metrics))
     return metrics
 

@@ -13,6 +13,7 @@ import torch
 import checkpoint
 from configurator import UserError, run
 from model import GPT, GPTConfig, export_hf
+from tokenizer import TOKENIZER_FILE
 
 DEFAULTS = dict(to="", source="", out_dir="", out="", overwrite=False)
 
@@ -63,6 +64,11 @@ def to_hf(cfg):
           f"transformers.GPT2LMHeadModel.from_pretrained({out!r})")
     if tokenizer.get("tokenizer") == "gpt2":
         print("tokenizer: GPT-2's own (transformers.AutoTokenizer.from_pretrained('gpt2'))")
+    elif "tokenizer_json" in tokenizer:
+        with open(os.path.join(out, TOKENIZER_FILE), "w", encoding="utf-8") as f:
+            f.write(tokenizer["tokenizer_json"])
+        print(f"wrote {out}/{TOKENIZER_FILE}: the model's own tokenizer "
+              f"(transformers.PreTrainedTokenizerFast(tokenizer_file=...))")
     else:
         print(f"note: this model uses the {tokenizer.get('tokenizer')} tokenizer, which HF has no "
               f"equivalent of; only the weights and config.json are exported")

@@ -3,6 +3,7 @@
 Batches are a pure function of (seed, step, micro-step, rank), so a resumed run draws exactly the
 windows it would have drawn, and DDP ranks split one global batch between them.
 """
+import functools
 import json
 import os
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from configurator import UserError
+from tokenizer import RECORD_KEYS, TOKENIZER_FILE, vocab_sha256
 
 SPLITS = ("train", "val")
 
@@ -52,11 +54,22 @@ class BinDataset:
     def vocab_size(self):
         return int(self.meta["vocab_size"])
 
-    @property
+    @functools.cached_property
     def tokenizer(self):
-        """What a checkpoint stores to know how its tokens are spelled."""
-        keep = ("tokenizer", "vocab_size", "chars")
-        return {k: self.meta[k] for k in keep if k in self.meta}
+        """What a checkpoint stores to know how its tokens are spelled: meta.json's record, plus
+        the text of a tokenizer.json (kept beside the bins by prepare/) so no file is needed later."""
+        info = {k: self.meta[k] for k in RECORD_KEYS if k in self.meta}
+        if "vocab_sha256" in info:
+            path = os.path.join(self.dir, TOKENIZER_FILE)
+            if not os.path.isfile(path):
+                raise UserError(f"{path} is missing: {self.dir} was prepared with a tokenizer.json "
+                                f"whose copy belongs there; re-prepare")
+            with open(path, encoding="utf-8") as f:
+                info["tokenizer_json"] = f.read()
+            if vocab_sha256(info["tokenizer_json"]) != info["vocab_sha256"]:
+                raise UserError(f"{path} is not the tokenizer {self.dir} was prepared with (its sha256 "
+                                f"differs from meta.json's); re-prepare")
+        return info
 
     def check(self, vocab_size, block_size):
         if vocab_size != self.vocab_size:

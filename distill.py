@@ -13,6 +13,7 @@ from configurator import UserError, run
 from data import BinDataset
 from losses import KINDS, kd_loss_fn
 from runtime import Runtime
+from tokenizer import check_same
 from trainer import DEFAULTS as TRAIN_DEFAULTS
 from trainer import init_model, train
 
@@ -33,13 +34,8 @@ def load_teacher(cfg, data, rt):
     if not cfg["teacher"]:
         raise UserError(f"distill_type={cfg['distill_type']} needs teacher=<out_dir | HF folder | gpt2 name>")
     teacher, tok, _ = checkpoint.load_model(cfg["teacher"], rt.device)
-    mine = data.tokenizer
-    if tok.get("tokenizer") != mine.get("tokenizer") or tok.get("vocab_size") != mine.get("vocab_size") \
-            or tok.get("chars") != mine.get("chars"):
-        raise UserError(f"teacher {cfg['teacher']} uses tokenizer {tok.get('tokenizer')} (vocab "
-                        f"{tok.get('vocab_size')}) but {cfg['dataset']} was prepared with "
-                        f"{mine.get('tokenizer')} (vocab {mine.get('vocab_size')}): teacher and "
-                        f"student must share one tokenizer")
+    check_same(f"teacher {cfg['teacher']}", tok, f"dataset {cfg['dataset']}", data.tokenizer,
+               "teacher and student must share one tokenizer")
     if cfg["block_size"] > teacher.config.block_size:
         raise UserError(f"block_size={cfg['block_size']} exceeds the teacher's context "
                         f"{teacher.config.block_size}")

@@ -19,6 +19,7 @@ import torch
 from checkpoint import load_model
 from configurator import UserError, run
 from runtime import Runtime
+from tokenizer import check_same, identity, tokenizer_from_meta
 from trainer import tokens_loss
 
 DEFAULTS = dict(
@@ -82,18 +83,6 @@ def evaluate_model(model, tokens, block_size=0, stride=0, batch_size=8, device="
                 tokens=n, tok_s=n / dt if dt > 0 else 0.0, block_size=block_size, stride=stride)
 
 
-def check_tokenizer(name, tok_info, data, dataset):
-    mine, theirs = tok_info, data.tokenizer
-    same = (mine.get("tokenizer"), mine.get("vocab_size")) == (theirs.get("tokenizer"), theirs.get("vocab_size"))
-    if same and mine.get("chars") and theirs.get("chars") and mine["chars"] != theirs["chars"]:
-        raise UserError(f"{name} and {dataset} are both char-level with {theirs.get('vocab_size')} "
-                        f"characters, but not the same characters: use the data the model was trained on")
-    if not same:
-        raise UserError(f"{name} uses tokenizer {mine.get('tokenizer')} (vocab {mine.get('vocab_size')}) "
-                        f"but {dataset} was prepared with {theirs.get('tokenizer')} "
-                        f"(vocab {theirs.get('vocab_size')}): evaluate it on data prepared with its tokenizer")
-
-
 def load_eval_text(cfg):
     given = [k for k in ("dataset", "text", "wikitext") if cfg[k]]
     if len(given) != 1:
@@ -123,13 +112,13 @@ def main(cfg):
         if block > model.config.block_size:
             raise UserError(f"block_size={block} exceeds {name}'s context of {model.config.block_size}")
         if data is not None:
-            check_tokenizer(name, tok_info, data, cfg["dataset"])
+            check_same(f"model {name}", tok_info, f"dataset {cfg['dataset']}", data.tokenizer,
+                       "evaluate it on data prepared with its tokenizer")
             tokens, mask = data.tokens[cfg["split"]], data.masks.get(cfg["split"])
             stride = cfg["stride"] or block
         else:
-            key = json.dumps(tok_info, sort_keys=True)
+            key = json.dumps(identity(tok_info), sort_keys=True)
             if key not in encoded:
-                from tokenizer import tokenizer_from_meta
                 encoded[key] = np.array(tokenizer_from_meta(tok_info).encode(raw), dtype=np.int64)
             tokens, mask = encoded[key], None
             stride = cfg["stride"] or min(TEXT_STRIDE, block)

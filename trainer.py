@@ -23,6 +23,7 @@ import lora
 import optim
 from configurator import UserError, format_config
 from runtime import measure_peak_flops
+from tokenizer import check_same
 
 # keys every training script has; train.py and distill.py add their own
 DEFAULTS = dict(
@@ -403,11 +404,12 @@ def init_model(cfg, data, rt):
             raise UserError(f"{out_dir} holds weights without training state (a converted model?): "
                             f"fine-tune from it with init_from={out_dir} and another out_dir")
         model = checkpoint.model_from_checkpoint(resume, cfg["dropout"], merge_lora=False)
+        check_same(f"the run in {out_dir}", checkpoint.tokenizer_of(resume), f"dataset {cfg['dataset']}",
+                   data.tokenizer, "resume on the data the run was started on")
     else:
         model, tokenizer, _ = checkpoint.load_model(init, dropout=cfg["dropout"])
-        if tokenizer.get("tokenizer") != data.meta.get("tokenizer"):
-            raise UserError(f"{init} uses the {tokenizer.get('tokenizer')} tokenizer but "
-                            f"{cfg['dataset']} was prepared with {data.meta.get('tokenizer')}")
+        check_same(f"init_from={init}", tokenizer, f"dataset {cfg['dataset']}", data.tokenizer,
+                   "fine-tune on data prepared with the model's tokenizer")
     if cfg["block_size"] > model.config.block_size:
         raise UserError(f"block_size={cfg['block_size']} exceeds the model's context "
                         f"{model.config.block_size}")

@@ -1,10 +1,12 @@
-"""What every prepare script shares: parallel tokenisation and crash-safe writing of a dataset.
+"""What every prepare script shares: reading local files, parallel tokenisation and crash-safe
+writing of a dataset.
 
 A dataset is <out>/train.bin, val.bin (uint16 tokens, uint32 only past 65535), optional
-*.mask.bin (uint8, 1 = the token is a prediction target) and meta.json. meta.json is written
-last, after every bin is fsynced and renamed into place: a folder without it is unfinished, and
-readers refuse it.
+*.mask.bin (uint8, 1 = the token is a prediction target), tokenizer.json when it was prepared
+with one, and meta.json. meta.json is written last, after every other file is fsynced and
+renamed into place: a folder without it is unfinished, and readers refuse it.
 """
+import glob
 import itertools
 import json
 import os
@@ -15,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError  # noqa: E402
-from tokenizer import get_tokenizer  # noqa: E402
+from tokenizer import TOKENIZER_FILE, get_tokenizer, tokenizer_from_meta  # noqa: E402
 
 _worker_tok = None
 # Pool.imap reads its whole input ahead of the workers; feeding it bounded batches keeps a corpus
@@ -23,9 +25,9 @@ _worker_tok = None
 DOCS_PER_PROC_BATCH = 256
 
 
-def _init_worker(name, chars):
+def _init_worker(info):
     global _worker_tok
-    _worker_tok = get_tokenizer(name, chars)
+    _worker_tok = tokenizer_from_meta(info)
 
 
 def _encode(item):
@@ -44,13 +46,21 @@ def _replace_atomically(tmp, final):
     os.replace(tmp, final)
 
 
+def write_text_atomically(path, text):
+    """A kill at any moment leaves either the previous file or the new one, never a torn one."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    _replace_atomically(path + ".tmp", path)
+
+
 def _encoded(items, tok, num_proc):
     """(ids, mask) per item, in input order, from num_proc processes (1 = in this process)."""
-    _init_worker(tok.name, getattr(tok, "chars", None))
+    global _worker_tok
+    _worker_tok = tok
     if num_proc <= 1:
         yield from map(_encode, items)
         return
-    with Pool(num_proc, _init_worker, (tok.name, getattr(tok, "chars", None))) as pool:
+    with Pool(num_proc, _init_worker, (tok.info,)) as pool:
         it = iter(items)
         while batch := list(itertools.islice(it, DOCS_PER_PROC_BATCH * num_proc)):
             yield from pool.imap(_encode, batch, chunksize=max(1, len(batch) // (4 * num_proc)))
@@ -99,23 +109,26 @@ def write_dataset(out, splits, tok, source, split_rule, num_proc=1, masked=False
     meta_path = os.path.join(out, "meta.json")
     if os.path.exists(meta_path):
         os.remove(meta_path)  # the folder is unfinished until the new meta.json lands
-    dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.uint32
-    meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, dtype=np.dtype(dtype).name,
-                eot=tok.eot, source=source, split=split_rule, has_mask=masked)
-    if tok.name == "char":
-        meta["chars"] = tok.chars
+    dtype = token_dtype(tok.vocab_size)
+    meta = dict(tok.meta, dtype=np.dtype(dtype).name, eot=tok.eot, source=source, split=split_rule,
+                has_mask=masked)
     for split, items in splits.items():
         n = _write_split(os.path.join(out, f"{split}.bin"), items, tok, dtype, num_proc, masked, split)
         if n < 2:
             raise UserError(f"the {split} split has {n} tokens; the corpus is too small")
         meta[f"{split}_tokens"] = n
     meta.update(extra or {})
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump(meta, f, indent=2)
-    _replace_atomically(meta_path + ".tmp", meta_path)
+    if "tokenizer_json" in tok.info:  # the data carries its tokenizer: the original may move or change
+        write_text_atomically(os.path.join(out, TOKENIZER_FILE), tok.info["tokenizer_json"])
+    write_text_atomically(meta_path, json.dumps(meta, indent=2))
     print(f"wrote {out}: " + ", ".join(f"{s} {meta[f'{s}_tokens']:,} tokens" for s in splits)
           + f" ({tok.name}, vocab {tok.vocab_size})")
     return meta
+
+
+def token_dtype(vocab_size):
+    """uint16 holds ids up to 65535 at half the disk and page cache of uint32."""
+    return np.uint16 if vocab_size <= 2 ** 16 else np.uint32
 
 
 def char_vocab(texts):
@@ -128,6 +141,28 @@ def char_vocab(texts):
 def tokenizer_for(name, texts):
     """The tokenizer `name`; a char vocabulary is built from every split so val has no unknowns."""
     return get_tokenizer(name, char_vocab(texts) if name == "char" else None)
+
+
+def find_files(spec):
+    """The files of a comma-separated list of files, folders (their .txt files, recursively) and globs."""
+    files = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if os.path.isdir(part):
+            files += sorted(glob.glob(os.path.join(part, "**", "*.txt"), recursive=True))
+        elif os.path.isfile(part):
+            files.append(part)
+        else:
+            matched = sorted(glob.glob(part, recursive=True))
+            if not matched:
+                raise UserError(f"input: nothing matches {part!r}")
+            files += [m for m in matched if os.path.isfile(m)]
+    return files
+
+
+def read_text(path):
+    """A file's text; bytes that are not UTF-8 become U+FFFD rather than stopping a long run."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
 
 
 def resolve_num_proc(num_proc):

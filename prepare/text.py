@@ -2,33 +2,20 @@
 
     python prepare/text.py input=notes/,more/*.txt tokenizer=gpt2 out=data/mytext
 
-Each file is a document; documents are separated by <|endoftext|> (gpt2) or a blank line (char).
+tokenizer= is gpt2, char, a tokenizer.json or a folder holding one (prepare/tokenizer.py trains one).
+Each file is a document; documents are separated by the tokenizer's end-of-text token
+(<|endoftext|> for gpt2 and our own BPE) or, without one (char), a blank line.
 Every round(1/val_fraction)-th document goes to val; a single document is split 90/10 by text.
 """
-import glob
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
-from prepare.common import every_nth, resolve_num_proc, tokenizer_for, write_dataset  # noqa: E402
+from prepare.common import (every_nth, find_files, read_text, resolve_num_proc, tokenizer_for,  # noqa: E402
+                            write_dataset)
 
 DEFAULTS = dict(input="", out="data/text", tokenizer="gpt2", val_fraction=0.1, num_proc=0)
-
-
-def find_files(spec):
-    files = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        if os.path.isdir(part):
-            files += sorted(glob.glob(os.path.join(part, "**", "*.txt"), recursive=True))
-        elif os.path.isfile(part):
-            files.append(part)
-        else:
-            matched = sorted(glob.glob(part, recursive=True))
-            if not matched:
-                raise UserError(f"input: nothing matches {part!r}")
-            files += [m for m in matched if os.path.isfile(m)]
-    return files
 
 
 def split_documents(docs, val_fraction):
@@ -45,13 +32,7 @@ def split_documents(docs, val_fraction):
 def main(cfg):
     if not cfg["input"]:
         raise UserError("input= is required: .txt files, folders or globs, comma-separated")
-    files = find_files(cfg["input"])
-    docs = []
-    for path in files:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-        if text.strip():
-            docs.append(text)
+    docs = [text for text in map(read_text, find_files(cfg["input"])) if text.strip()]
     if not docs:
         raise UserError(f"input={cfg['input']!r}: no non-empty .txt files found")
     train, val, rule = split_documents(docs, cfg["val_fraction"])

@@ -111,7 +111,7 @@ def no_meta(c):
 
 def vocab_vs_checkpoint(c):
     c.run_copy()
-    return "train.py", [*c.base(c.other), "init_from=resume", "max_iters=6"], "vocab_size=9"
+    return "train.py", [*c.base(c.other), "init_from=resume", "max_iters=6"], "different vocab sizes"
 
 
 def block_vs_split(c):

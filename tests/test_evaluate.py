@@ -149,7 +149,7 @@ def test_cli_on_hf_folder_and_text_file(tmp_path, char_data):
     assert json.loads((tmp_path / "d.json").read_text())["results"]["hf"]["stride"] == 64  # min(512, context)
     p = run_script("evaluate.py", f"models={tmp_path / 'hf'}", f"dataset={char_data}", check=False)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
-    assert "uses tokenizer gpt2" in p.stderr and "prepared with char" in p.stderr
+    assert "uses the gpt2 tokenizer" in p.stderr and "uses the char tokenizer" in p.stderr
 
 
 def test_char_checkpoint_on_other_characters_refused(tmp_path, char_data):
@@ -161,7 +161,7 @@ def test_char_checkpoint_on_other_characters_refused(tmp_path, char_data):
     save(dict(model=model.state_dict(), model_args=model.config.to_dict(), config={}, step=0,
               tokenizer=BinDataset(char_data).tokenizer), str(tmp_path / "ck"), 0, 1, False)
     p = run_script("evaluate.py", f"models={tmp_path / 'ck'}", f"dataset={other}", check=False)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "same characters" in p.stderr
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "different characters" in p.stderr
 
 
 def test_wikitext_offline_points_to_text(monkeypatch):

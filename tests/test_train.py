@@ -130,4 +130,4 @@ def test_vocab_mismatch_and_overwrite_refused(char_data, tmp_path):
     (data / "meta.json").write_text(meta)
     p = run_script("train.py", *TINY, f"dataset={data}", f"out_dir={out}", "init_from=resume",
                    "max_iters=4", check=False)
-    assert p.returncode == 2 and "vocab_size" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert p.returncode == 2 and "different vocab sizes" in p.stderr and len(p.stderr.strip().splitlines()) == 1
