@@ -15,12 +15,12 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import lora
 from configurator import UserError, format_config
+from evaluation import estimate_loss, perplexity, split_loss
 
 # keys every training script has; train.py and distill.py add their own
 DEFAULTS = dict(
@@ -175,50 +175,6 @@ def make_optimizer(model, cfg, device_type):
                              betas=(cfg["beta1"], cfg["beta2"]), fused=fused)
 
 
-# ---------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def estimate_loss(model, data, cfg, rt, split):
-    """Mean CE over eval_iters fixed batches (the same batches at every eval)."""
-    model.eval()
-    losses = []
-    for i in range(cfg["eval_iters"]):
-        x, y = data.batch(split, cfg["batch_size"], cfg["block_size"], cfg["seed"] + 1, i, 0,
-                          rt.world, rt.rank)
-        with rt.autocast():
-            _, loss = model(x.to(rt.device), y.to(rt.device))
-        losses.append(loss.item())
-    model.train()
-    return rt.all_mean(float(np.mean(losses)))
-
-
-@torch.no_grad()
-def tokens_loss(model, tokens, block_size, batch_size, device="cpu", autocast=None, stride=None,
-                mask=None, progress=False):
-    """Exact token-weighted CE over every target of a token array: (mean loss, tokens scored)."""
-    from tqdm import tqdm
-
-    from data import windows
-    model.eval()
-    total, count = 0.0, 0
-    V = model.config.vocab_size
-    batches = windows(tokens, block_size, batch_size, stride, mask)
-    for x, y in tqdm(batches, unit="batch", leave=False, dynamic_ncols=True, disable=not progress):
-        x, y = x.to(device), y.to(device)
-        with autocast or contextlib.nullcontext():
-            logits, _ = model(x)
-        total += F.cross_entropy(logits[..., :V].float().reshape(-1, V), y.reshape(-1),
-                                 ignore_index=-1, reduction="sum").item()
-        count += int((y >= 0).sum())
-    return total / max(count, 1), count
-
-
-def split_loss(model, data, split, block_size, batch_size, device="cpu", autocast=None, stride=None):
-    return tokens_loss(model, data.tokens[split], block_size, batch_size, device, autocast, stride,
-                       data.masks.get(split))
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -353,7 +309,7 @@ def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None):
         val = estimate_loss(model, data, cfg, rt, "val")
         best = val < best_val
         best_val = min(best_val, val)
-        metrics.log(dict(step=step, val_loss=val, val_ppl=math.exp(min(val, 50)), time=elapsed()))
+        metrics.log(dict(step=step, val_loss=val, val_ppl=perplexity(val), time=elapsed()))
         save(best)
         return val
 
@@ -430,9 +386,8 @@ def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None):
         return None
     val, n = split_loss(raw, data, "val", cfg["block_size"], cfg["batch_size"], rt.device, rt.autocast())
     if rt.master:
-        metrics.log(dict(step=step, final_val_loss=val, final_val_ppl=math.exp(min(val, 50)),
-                         val_tokens=n))
-        print(f"final val loss {val:.4f} (ppl {math.exp(min(val, 50)):.2f}) over all {n} val tokens")
+        metrics.log(dict(step=step, final_val_loss=val, final_val_ppl=perplexity(val), val_tokens=n))
+        print(f"final val loss {val:.4f} (ppl {perplexity(val):.2f}) over all {n} val tokens")
     return val
 
 

@@ -135,28 +135,27 @@ def resolve_num_proc(num_proc):
     return num_proc if num_proc > 0 else max(1, min(4, os.cpu_count() or 1))
 
 
-def every_nth(n_items, val_fraction):
-    """Deterministic held-out indices: every round(1/val_fraction)-th item, starting mid-stride
-    so the first and last items (often atypical: prefaces, appendices) train."""
+def split_every_nth(items, val_fraction):
+    """({"train": items, "val": items}, n): every n = round(1/val_fraction)-th item is held out,
+    starting mid-stride so the first and last items (often atypical: prefaces, appendices) train."""
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.1)")
     every = max(2, round(1 / val_fraction))
-    return set(range(every // 2, n_items, every)) or {n_items - 1}, every
+    held = set(range(every // 2, len(items), every)) or {len(items) - 1}
+    return {"train": [x for i, x in enumerate(items) if i not in held],
+            "val": [items[i] for i in sorted(held)]}, every
 
 
-def load_hf(path, name=None, split=None, offline_hint="pass a local copy with input="):
-    """A Hugging Face dataset, or one line saying how to do without it."""
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(f"{path} needs the datasets package: pip install datasets; or "
-                        f"{offline_hint}") from None
-    try:
-        return datasets.load_dataset(path, name, split=split)
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
-        raise UserError(f"cannot load {path}{'/' + name if name else ''} ({type(e).__name__}: "
-                        f"{reason}); offline, {offline_hint}") from None
+def read_documents(files):
+    """The text of every file that holds any: one document a file. Undecodable bytes become U+FFFD
+    rather than stopping a large corpus at one bad file."""
+    docs = []
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if text.strip():
+            docs.append(text)
+    return docs
 
 
 class Column:

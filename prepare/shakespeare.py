@@ -13,6 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
+from inputs import comma_list  # noqa: E402
 from prepare.common import resolve_num_proc, tokenizer_for, write_dataset  # noqa: E402
 
 DEFAULTS = dict(tokenizer="char", out="", val_plays="", num_proc=0)
@@ -43,7 +44,7 @@ def markdown_to_text(md):
 def main(cfg):
     plays = play_files()
     names = list(plays)
-    val = cfg["val_plays"].split(",") if cfg["val_plays"] else names[VAL_EVERY // 2::VAL_EVERY]
+    val = comma_list(cfg["val_plays"], "val_plays") or names[VAL_EVERY // 2::VAL_EVERY]
     unknown = [v for v in val if v not in plays]
     if unknown:
         raise UserError(f"val_plays: unknown play {unknown[0]!r}; plays are named like {names[0]}")

@@ -11,8 +11,10 @@ import torch
 
 import checkpoint
 import classify
+import labelled_text
 from conftest import run_script
-from evaluate import evaluate_model
+from configurator import UserError
+from evaluation import evaluate_model
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
@@ -140,7 +142,7 @@ def test_head_reads_the_last_real_token():
 def test_head_only_epochs_leave_the_backbone_untouched(task):
     tok = get_tokenizer("char", task["tokenizer"]["chars"])
     ids = [tok.encode(t) for t, _ in task["rows"][:64]]
-    data = classify.TextSet(np.concatenate(ids).astype(np.int32), np.array([len(i) for i in ids], np.int32),
+    data = labelled_text.TextSet(np.concatenate(ids).astype(np.int32), np.array([len(i) for i in ids], np.int32),
                             np.array([int(y == "yes") for _, y in task["rows"][:64]]))
     cfg = dict(classify.DEFAULTS, epochs=2, batch_size=16, learning_rate=1e-3, device="cpu", dtype="float32")
     rt = classify.Runtime(cfg)
@@ -168,17 +170,17 @@ def test_tokenised_once_and_cached(task, tmp_path, monkeypatch):
     tok = get_tokenizer("char", task["tokenizer"]["chars"])
     cfg = dict(classify.DEFAULTS, cache_dir=str(tmp_path))
     spec = dict(train=task["csv"], test="")
-    train, test, names, path = classify.load_data("banana", spec, tok, task["tokenizer"], 32, cfg)
+    train, test, names, path = labelled_text.load_data("banana", spec, tok, task["tokenizer"], 32, cfg)
     assert os.path.basename(path).startswith("banana-char-") and path.endswith(".npz")
     assert names == ["no", "yes"] and len(train) + len(test) == 1000 and train.lengths.max() == 32
 
     def no_reading(path):
         raise AssertionError("the cache should have been used")
-    monkeypatch.setattr(classify, "read_rows", no_reading)
-    again = classify.load_data("banana", spec, tok, task["tokenizer"], 32, cfg)
+    monkeypatch.setattr(labelled_text, "read_rows", no_reading)
+    again = labelled_text.load_data("banana", spec, tok, task["tokenizer"], 32, cfg)
     assert again[3] == path and np.array_equal(again[0].ids, train.ids)
     with pytest.raises(AssertionError):  # another max_len is another cache entry
-        classify.load_data("banana", spec, tok, task["tokenizer"], 16, cfg)
+        labelled_text.load_data("banana", spec, tok, task["tokenizer"], 16, cfg)
 
 
 def error_of(task, *args):
@@ -193,13 +195,13 @@ def error_of(task, *args):
 def test_bad_csv_row_names_its_line(task):
     rows = task["rows"][:20] + [("an apple a day", "")] + task["rows"][20:40]
     path = write_csv(task["dir"] / "missing_label.csv", rows)
-    assert "missing_label.csv:22: missing label" in error_of(task, f"data={path}")
+    assert "missing_label.csv:22: empty label" in error_of(task, f"data={path}")
 
 
 def test_bad_jsonl_row_names_its_line(task):
     good = [dict(text=t, label=y) for t, y in task["rows"][:10]]
     path = write_jsonl(task["dir"] / "broken.jsonl", good[:4] + ['{"text": "a cat", "label": '] + good[4:])
-    assert "broken.jsonl:5: not valid JSON" in error_of(task, f"train_file={path}")
+    assert "broken.jsonl:5: not JSON" in error_of(task, f"train_file={path}")
 
 
 def test_unknown_test_label_names_its_line(task):
@@ -212,22 +214,23 @@ def test_unknown_test_label_names_its_line(task):
 
 @pytest.mark.parametrize("content, expected", [
     ("label,words\n1,hi\n", "the header needs columns text and label"),
-    ("text,label\n\"\",1\n", "x.csv:2: missing text"),
+    ("text,label\n\"\",1\n", "x.csv:2: empty text"),
+    ("text,label\nhi\n", "x.csv:2: missing label"),
     ('{"text": "hi", "label": 1.5}\n', "label must be an int or a string"),
     ('{"text": "hi", "label": 0}\n\n{"label": 1}\n', "x.jsonl:3: missing text"),
-    ('["hi", 1]\n', "x.jsonl:1: expected an object"),
+    ('["hi", 1]\n', "x.jsonl:1: not a JSON object"),
 ])
 def test_read_rows_rejects_bad_rows(tmp_path, content, expected):
     path = tmp_path / ("x.jsonl" if content.startswith(("{", "[")) else "x.csv")
     path.write_text(content)
-    with pytest.raises(classify.UserError, match=expected):
-        classify.read_rows(str(path))
+    with pytest.raises(UserError, match=expected):
+        labelled_text.read_rows(str(path))
 
 
 def test_int_labels_sort_numerically(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [dict(text="a", label=10), dict(text="b", label="2"),
                                               dict(text="c", label=1)])
-    assert classify.sorted_labels([y for _, _, y in classify.read_rows(path)]) == ["1", "2", "10"]
+    assert labelled_text.sorted_labels([y for _, _, y in labelled_text.read_rows(path)]) == ["1", "2", "10"]
 
 
 def test_hf_dataset_offline_names_the_local_alternative(task):

@@ -107,9 +107,9 @@ def test_jsonl_mask_and_bad_lines_reported(tmp_path):
     lines.insert(9, "")  # blank lines are not records
     (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
     p = run_script("prepare/jsonl.py", f"input={tmp_path / 'r.jsonl'}", f"out={tmp_path / 'o'}", "num_proc=1")
-    warning = [l for l in p.stderr.splitlines() if "records bad" in l]
-    assert len(warning) == 1 and "3 of 12" in warning[0]
-    assert "line 3 (not JSON)" in warning[0] and "line 6 (no 'response')" in warning[0] and "line 8 (empty response)" in warning[0]
+    warning = [l for l in p.stderr.splitlines() if l.startswith("warning: ")]
+    assert len(warning) == 1 and "skipped 3 of 12 lines" in warning[0]
+    assert "line 3 (not JSON: " in warning[0] and "line 6 (missing response)" in warning[0] and "line 8 (empty response)" in warning[0]
     meta = json.loads((tmp_path / "o" / "meta.json").read_text())
     assert meta["has_mask"] and meta["train_tokens"] == len(_bins(tmp_path / "o", "train"))
     tok = tokenizer_from_meta(meta)
@@ -130,8 +130,8 @@ def test_jsonl_all_bad_is_an_error(tmp_path):
     (tmp_path / "r.jsonl").write_text('{"prompt": "a"}\n[1, 2]\n')
     p = run_script("prepare/jsonl.py", f"input={tmp_path / 'r.jsonl'}", f"out={tmp_path / 'o'}", check=False)
     err = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(err) == 1 and err[0].startswith("error: no usable records")
-    assert "line 1 (no 'response')" in err[0] and "line 2 (not a JSON object)" in err[0]
+    assert p.returncode == 2 and len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'r.jsonl'}:1: missing response")
+    assert "no line is usable" in err[0] and "line 2 (not a JSON object (a list))" in err[0]
 
 
 BABYLM = ["bnc_spoken", "childes", "gutenberg", "open_subtitles", "simple_wiki", "switchboard"]
@@ -178,7 +178,7 @@ def test_openwebtext_local_txt_and_jsonl(tmp_path):
                                             + '\n{"url": "x"}\n')
     p = run_script("prepare/openwebtext.py", f"input={tmp_path / 'owt'}", "val_fraction=0.2",
                    f"out={tmp_path / 'o'}", "num_proc=1")
-    assert "skipped 1 lines" in p.stderr and "lines 10" in p.stderr
+    assert "skipped 1 of 10 lines: line 10 (missing text)" in p.stderr
     meta = json.loads((tmp_path / "o" / "meta.json").read_text())
     tok = tokenizer_from_meta(meta)
     assert tok.decode(_bins(tmp_path / "o", "val")) == "Page 1.<|endoftext|>Page 6."  # docs 2 and 7 of 10
