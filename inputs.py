@@ -5,6 +5,7 @@ timestamped paths results go to when no out= is given.
 Every bad input is one UserError line saying where it is (the key, or file:line) and what is
 wrong with it.
 """
+import codecs
 import glob
 import json
 import os
@@ -54,18 +55,20 @@ def named_sources(spec, key):
 # ---------------------------------------------------------------- files
 
 
-def read_text_file(path, key, encoding="utf-8"):
-    """The whole text of the file named by setting `key`; bytes that are not UTF-8 are an error
-    naming their line."""
+def read_text_file(path, key):
+    """The whole text of the UTF-8 file named by setting `key`, without the byte-order mark some
+    editors write; bytes that are not UTF-8 are an error naming their line."""
     if not os.path.isfile(path):
         raise UserError(f"{key}={path}: file not found")
     with open(path, "rb") as f:
         raw = f.read()
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        return raw.decode(encoding)
+        return raw[start:].decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte {e.start + 1} of the file)") from None
+        at = start + e.start
+        line = raw[:at].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {at + 1} of the file)") from None
 
 
 def expand_files(spec, exts, key="input"):
@@ -118,20 +121,16 @@ def read_jsonl(path, parse, skip_bad=False):
     try:
         with open(path, "rb") as f:
             for n, raw in enumerate(f, 1):
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    reason = f"not UTF-8 text (byte {e.start + 1})"
+                parsed = _parse_line(raw, n, parse)
+                if parsed is None:
+                    continue
+                reason, record = parsed
+                if reason is None:
+                    good.append((n, record))
+                elif skip_bad:
+                    bad.append((n, reason))
                 else:
-                    if not text.strip():
-                        continue
-                    reason, record = _parse_line(text.lstrip("\ufeff") if n == 1 else text, parse)
-                    if reason is None:
-                        good.append((n, record))
-                        continue
-                if not skip_bad:
                     raise UserError(f"{path}:{n}: {reason}")
-                bad.append((n, reason))
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or type(e).__name__}") from None
     if bad:
@@ -145,8 +144,16 @@ def read_jsonl(path, parse, skip_bad=False):
     return good
 
 
-def _parse_line(text, parse):
-    """(None, record) or (reason, None)."""
+def _parse_line(raw, n, parse):
+    """None for a blank line, else (None, record) or (reason, None)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 text (byte {e.start + 1})", None
+    if n == 1:
+        text = text.removeprefix("\ufeff")  # the byte-order mark some editors write
+    if not text.strip():
+        return None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:

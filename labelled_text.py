@@ -57,7 +57,7 @@ def read_rows(path):
 
 def _csv_rows(path):
     csv.field_size_limit(CSV_FIELD_LIMIT)
-    reader = csv.DictReader(io.StringIO(read_text_file(path, "data", "utf-8-sig"), newline=""))
+    reader = csv.DictReader(io.StringIO(read_text_file(path, "data"), newline=""))
     rows = []
     try:
         if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):

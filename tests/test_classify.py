@@ -258,3 +258,58 @@ def test_compare_table(task, tmp_path):
         assert r["params"] == model.num_params() and r["tok_s"] > 0
         assert f"| {name} | " in p.stdout
     assert "small acc" in p.stdout and "WikiText PPL" in p.stdout
+
+
+def save_dataset(folder, splits, names=None):
+    """A DatasetDict of text/label splits written by save_to_disk; labels are ClassLabel ids when
+    names are given (as imdb and ag_news have them), else plain values."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+    features = Features(text=Value("string"), label=ClassLabel(names=names)) if names else None
+    DatasetDict({s: Dataset.from_dict(dict(text=[t for t, _ in rows], label=[y for _, y in rows]), features=features)
+                 for s, rows in splits.items()}).save_to_disk(str(folder))
+    return str(folder)
+
+
+def test_saved_dataset_read_tokenised_and_cached(task, tmp_path):
+    rows = task["rows"][:60]
+    # ClassLabel order, not sorted order, numbers the classes: "yes" is 0 here
+    ids = [(t, 0 if y == "yes" else 1) for t, y in rows]
+    folder = save_dataset(tmp_path / "banana_ds", dict(train=ids[:40], test=ids[40:]), names=["yes", "no"])
+    tok = get_tokenizer("char", task["tokenizer"]["chars"])
+    cfg = dict(classify.DEFAULTS, cache_dir=str(tmp_path / "cache"), data=folder)
+    ((name, spec),) = labelled_text.dataset_specs(cfg)
+    assert (name, spec) == ("banana_ds", dict(hf=folder))
+    train, test, names, path = labelled_text.load_data(name, spec, tok, task["tokenizer"], 96, cfg)
+    assert names == ["yes", "no"] and (len(train), len(test)) == (40, 20)
+    for data, part in ((train, ids[:40]), (test, ids[40:])):
+        texts = [tok.decode(data.ids[data.offsets[i]:data.offsets[i + 1]].tolist()) for i in range(len(data))]
+        assert texts == [t for t, _ in part] and data.labels.tolist() == [y for _, y in part]
+    # another dataset in the same folder is another cache entry
+    save_dataset(folder, dict(train=ids[:30], test=ids[30:]), names=["yes", "no"])
+    again = labelled_text.load_data(name, spec, tok, task["tokenizer"], 96, cfg)
+    assert again[3] != path and len(again[0]) == 30
+
+
+def test_saved_dataset_plain_labels_and_bad_rows(tmp_path):
+    rows = [("a good film", "pos"), ("a bad film", "neg"), ("fine", "pos")]
+    folder = save_dataset(tmp_path / "plain", dict(train=rows, test=rows[:1]))
+    train, test, names = labelled_text.hf_rows(folder)
+    assert names is None and train == [(1, "a good film", "pos"), (2, "a bad film", "neg"), (3, "fine", "pos")]
+    save_dataset(tmp_path / "unlabelled", dict(train=[("x", 0), ("y", 1)], test=[("z", -1)]), names=["a", "b"])
+    with pytest.raises(UserError, match="unlabelled test row 1: label -1 is none of the dataset's 2 classes"):
+        labelled_text.hf_rows(str(tmp_path / "unlabelled"))
+    save_dataset(tmp_path / "blank", dict(train=[("x", "a"), ("  ", "b")], test=[("z", "a")]))
+    with pytest.raises(UserError, match="blank train row 2: empty text"):
+        labelled_text.hf_rows(str(tmp_path / "blank"))
+
+
+def test_cli_on_a_saved_dataset(task, tmp_path):
+    ids = [(t, int(y == "yes")) for t, y in task["rows"][:80]]
+    folder = save_dataset(tmp_path / "ds", dict(train=ids[:60], test=ids[60:]), names=["no", "yes"])
+    run_script("classify.py", f"model={task['ckpt']}", f"data={folder}", f"cache_dir={tmp_path / 'cache'}",
+               f"results_dir={tmp_path / 'results'}", "epochs=1", "batch_size=16", "baseline=False")
+    (run,) = os.listdir(tmp_path / "results" / "tiny")
+    with open(tmp_path / "results" / "tiny" / run / "metrics.json") as f:
+        m = json.load(f)
+    assert (m["data"], m["n_train"], m["n_test"], m["labels"]) == ("ds", 60, 20, ["no", "yes"])
+    assert np.sum(m["finetuned"]["confusion"]) == 20 and "baseline" not in m
