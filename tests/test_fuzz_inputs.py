@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import labelled_text
@@ -38,6 +38,7 @@ json_values = st.recursive(
 
 
 def one_line_error(e):
+    event("refused")  # --hypothesis-show-statistics shows how often each outcome was tried
     message = str(e)
     assert message and "\n" not in message, repr(message)
     return message
@@ -146,40 +147,37 @@ def jsonl_file(draw, fields):
 
 
 @pytest.mark.parametrize("name", JSONL_READERS)
-def test_jsonl_readers(name, folder):
+@FUZZ
+@given(data=st.data())
+def test_jsonl_readers(name, folder, data):
     read, fields, parsed, lenient, empty_message = JSONL_READERS[name]
     path = str(folder / f"{name}.jsonl")
-
-    @FUZZ
-    @given(jsonl_file(fields))
-    def check(generated):
-        data, lines = generated
-        with open(path, "wb") as f:
-            f.write(data)
-        good = [parsed(n, r) for n, (v, r) in enumerate(lines, 1) if v == GOOD]
-        bad = [n for n, (v, _) in enumerate(lines, 1) if v == BAD]
-        stderr = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(stderr):
-                result = read(path)
-        except UserError as e:
-            message = one_line_error(e)
-            if bad and (not lenient or not good):
-                assert message.startswith(f"{path}:{bad[0]}: "), message
-            else:
-                assert not good and not bad and empty_message in message, message
-            return
-        assert (bad and lenient or not bad) and good, "a UserError was due"
-        assert result == good
-        warning = stderr.getvalue()
-        if bad:
-            assert warning.count("\n") == 1
-            assert warning.startswith(f"warning: {path}: skipped {len(bad)} of {len(bad) + len(good)} lines: ")
-            assert all(f"line {n} (" in warning for n in bad[:SHOW_BAD])
+    content, lines = data.draw(jsonl_file(fields))
+    with open(path, "wb") as f:
+        f.write(content)
+    good = [parsed(n, r) for n, (v, r) in enumerate(lines, 1) if v == GOOD]
+    bad = [n for n, (v, _) in enumerate(lines, 1) if v == BAD]
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            result = read(path)
+    except UserError as e:
+        message = one_line_error(e)
+        if bad and (not lenient or not good):
+            assert message.startswith(f"{path}:{bad[0]}: "), message
         else:
-            assert warning == ""
-
-    check()
+            assert not good and not bad and empty_message in message, message
+        return
+    assert (bad and lenient or not bad) and good, "a UserError was due"
+    assert result == good
+    event("parsed")
+    warning = stderr.getvalue()
+    if bad:
+        assert warning.count("\n") == 1
+        assert warning.startswith(f"warning: {path}: skipped {len(bad)} of {len(bad) + len(good)} lines: ")
+        assert all(f"line {n} (" in warning for n in bad[:SHOW_BAD])
+    else:
+        assert warning == ""
 
 
 # ---------------------------------------------------------------- CSV
@@ -193,8 +191,8 @@ def at_char(text, k):
 @st.composite
 def csv_file(draw):
     """(bytes, rows [(verdict, text, label)], header, row end offsets, bad byte offset or None)."""
-    header = draw(st.sampled_from([["text", "label"], ["label", "text"], ["text", "label", "id"],
-                                   ["text"], ["words", "label"], []]))
+    header = draw(st.sampled_from([["text", "label"]] * 3 + [["label", "text"], ["text", "label", "id"],
+                                                            ["text"], ["words", "label"], []]))
     # with \n line ends, csv.writer leaves a \r in a field unquoted: no reader could recover it
     end = draw(st.sampled_from(["\r\n", "\n"]))
     out = io.StringIO(newline="")
@@ -205,8 +203,9 @@ def csv_file(draw):
     rows, ends = [], []
     for _ in range(draw(st.integers(0, 8))):
         text, label = draw(nonblank), draw(label_values)
-        text = text if end == "\r\n" else text.replace("\r", "")
-        kind = draw(st.sampled_from(["good"] * 4 + ["text", "label", "short"]))
+        if end == "\n":
+            text, label = text.replace("\r", ""), label.replace("\r", "") if isinstance(label, str) else label
+        kind = draw(st.sampled_from(["good"] * 8 + ["text", "label", "short"]))
         if kind == "text":
             text = draw(st.sampled_from(["", " ", "\t "]))
         elif kind == "label":
@@ -216,7 +215,7 @@ def csv_file(draw):
         rows.append((GOOD if kind == "good" else BAD, text, label))
         ends.append(len(out.getvalue()))
     text = out.getvalue()
-    bad_char = draw(st.none() | st.integers(0, len(text)))
+    bad_char = draw(st.integers(0, len(text))) if draw(st.integers(0, 5)) == 0 else None
     data = text.encode()
     if bad_char is not None:
         at = at_char(text, bad_char)
@@ -256,6 +255,7 @@ def test_csv_reader(folder, generated):
     assert bad_byte is None and {"text", "label"} <= set(header), "a UserError was due"
     assert rows and all(verdict == GOOD for verdict, _, _ in rows), "a UserError was due"
     assert [(t, y) for _, t, y in result] == [(text, str(label).strip()) for _, text, label in rows]
+    event("parsed")
     text = data.decode()
     assert [n for n, _, _ in result] == [lines_through(text[:e]) for e in ends]
 
@@ -263,54 +263,63 @@ def test_csv_reader(folder, generated):
 # ---------------------------------------------------------------- meta.json
 
 
+META_FAULTS = [None] * 6 + ["dtype", "vocab", "has_mask", "count", "bin_size", "empty_bin", "mask_missing",
+                           "mask_length", "meta_cut", "meta_list", "meta_bytes", "meta_deep"]
+BAD_VALUES = dict(dtype=st.sampled_from(["float32", "int8", "object", "uint64", 16, ["uint16"], None]),
+                  vocab=st.sampled_from(["absent", True, 0, -5, 7.0, "65"]),
+                  has_mask=st.sampled_from([1, 0, "yes", "true", None]),
+                  count=st.sampled_from(["3", 2.0, True, None]))
+
+
 @st.composite
 def dataset_folder(draw):
-    """(meta bytes, bins {name: bytes}, expected: None if refused, else the parse)."""
-    valid = True
-    meta = {}
-    dtype = draw(st.sampled_from(["uint16", "uint32", None, "float32", "int8", "object", 16, ["uint16"]]))
-    if dtype is not None:
-        meta["dtype"] = dtype
-    dtype = "uint16" if dtype is None else dtype
-    valid &= dtype in ("uint16", "uint32")
-    np_dtype = np.dtype(dtype if valid else "uint16")
+    """(meta bytes, bins {name: bytes}, expected parse or None): a valid dataset, or one with a
+    single fault, so that each check in the reader has inputs only it can refuse."""
+    fault = draw(st.sampled_from(META_FAULTS))
+    dtype = draw(st.sampled_from(["uint16", "uint32", "absent"]))
+    np_dtype = np.dtype("uint16" if dtype == "absent" else dtype)
     limit = np.iinfo(np_dtype).max + 1
-    vocab = draw(st.sampled_from([None, True, 0, -5, 7.0, "65", limit + 1]) | st.integers(1, limit))
-    if vocab is not None:
-        meta["vocab_size"] = vocab
-    valid &= isinstance(vocab, int) and not isinstance(vocab, bool) and 0 < vocab <= limit
-    has_mask = draw(st.sampled_from([None, False, True, 1, "yes"]))
-    if has_mask is not None:
-        meta["has_mask"] = has_mask
-    valid &= has_mask is None or isinstance(has_mask, bool)
+    vocab = draw(st.integers(1, limit))
+    has_mask = draw(st.sampled_from(["absent", False, True]))
+    meta = {k: v for k, v in dict(dtype=dtype, vocab_size=vocab, has_mask=has_mask).items() if v != "absent"}
+    if fault == "dtype":
+        meta["dtype"] = draw(BAD_VALUES["dtype"])
+    elif fault == "vocab":
+        bad = draw(BAD_VALUES["vocab"] | st.just(limit + 1))  # one past what the dtype can hold
+        meta.pop("vocab_size") if bad == "absent" else meta.update(vocab_size=bad)
+    elif fault == "has_mask":
+        meta["has_mask"] = draw(BAD_VALUES["has_mask"])
     bins, tokens, masks = {}, {}, {}
+    faulty_split = draw(st.sampled_from(["train", "val"]))
     for split in ("train", "val"):
-        n = draw(st.integers(0, 6))
-        tokens[split] = np.array(draw(st.lists(st.integers(0, 65535), min_size=n, max_size=n)), dtype=np_dtype)
-        bins[f"{split}.bin"] = tokens[split].tobytes() + (b"\x01" if draw(st.integers(0, 9)) == 0 else b"")
-        valid &= n > 0 and len(bins[f"{split}.bin"]) % np_dtype.itemsize == 0
-        said = draw(st.sampled_from(["right", "absent", "wrong", "text"]))
-        if said != "absent":
-            meta[f"{split}_tokens"] = {"right": n, "wrong": n + 1, "text": str(n)}[said]
-        valid &= said in ("right", "absent")
-        if has_mask is True and draw(st.integers(0, 9)):  # mostly present, sometimes missing
-            m = draw(st.integers(0, 1) | st.just(n))
-            masks[split] = np.ones(n if m == n else m, dtype=np.uint8)
+        here = split == faulty_split
+        n = 0 if fault == "empty_bin" and here else draw(st.integers(1, 6))
+        tokens[split] = np.array(draw(st.lists(st.integers(0, min(vocab, 65536) - 1), min_size=n, max_size=n)),
+                                 dtype=np_dtype)
+        bins[f"{split}.bin"] = tokens[split].tobytes() + (b"\x01" if fault == "bin_size" and here else b"")
+        if draw(st.booleans()):
+            meta[f"{split}_tokens"] = n
+        if fault == "count" and here:
+            meta[f"{split}_tokens"] = draw(BAD_VALUES["count"] | st.sampled_from([n - 1, n + 1]))
+        # masks whenever has_mask is set, also to a wrong value, so that only the value is wrong
+        if meta.get("has_mask") not in (None, False, 0) and not (fault == "mask_missing" and here):
+            m = n + draw(st.sampled_from([-1, 1])) if fault == "mask_length" and here else n
+            masks[split] = np.array(draw(st.lists(st.integers(0, 1), min_size=m, max_size=m)), dtype=np.uint8)
             bins[f"{split}.mask.bin"] = masks[split].tobytes()
-            valid &= len(masks[split]) == n
-        elif has_mask is True:
-            valid = False
+    if fault in ("mask_missing", "mask_length") and meta.get("has_mask") is not True:
+        fault = None  # without a mask to read, neither is a fault
     meta_bytes = json.dumps(meta).encode()
-    corrupt = draw(st.sampled_from([None] * 8 + ["cut", "list", "bytes"]))
-    if corrupt == "cut":
-        meta_bytes = meta_bytes[:-1]
-    elif corrupt == "list":
+    if fault == "meta_cut":
+        meta_bytes = meta_bytes[:draw(st.integers(0, len(meta_bytes) - 1))]
+    elif fault == "meta_list":
         meta_bytes = json.dumps([meta]).encode()
-    elif corrupt == "bytes":
+    elif fault == "meta_bytes":
         meta_bytes = b"\xff" + meta_bytes
-    valid &= corrupt is None
-    expected = dict(dtype=np_dtype, vocab=vocab, tokens=tokens, masks=masks if has_mask else {}) if valid else None
-    return meta_bytes, bins, expected
+    elif fault == "meta_deep":
+        meta_bytes = b"[" * 100_000 + b"]" * 100_000
+    if fault is not None:
+        return meta_bytes, bins, None
+    return meta_bytes, bins, dict(dtype=np_dtype, vocab=vocab, tokens=tokens, masks=masks)
 
 
 @FUZZ
@@ -331,6 +340,7 @@ def test_meta_json_loading(folder, generated):
         assert expected is None, f"refused a valid dataset: {e}"
         return
     assert expected is not None, "accepted an invalid dataset"
+    event("parsed")
     assert ds.dtype == expected["dtype"] and ds.vocab_size == expected["vocab"]
     for split in ("train", "val"):
         assert np.array_equal(ds.tokens[split], expected["tokens"][split])
