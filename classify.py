@@ -25,6 +25,7 @@ import torch.nn as nn
 
 import checkpoint
 from configurator import UserError, format_config, run
+from evaluation import WIKITEXT_CONTEXT, WIKITEXT_STRIDE, evaluate_model, wikitext_text
 from inputs import named_sources, read_text_file, timestamped
 from labelled_text import dataset_specs, load_data, source_name
 from losses import hard_loss
@@ -278,7 +279,6 @@ def report(metrics):
 
 def compare(cfg, rt, specs):
     """One table: params, WikiText PPL, accuracy / F1 on each dataset and tokens/s per model."""
-    from evaluation import evaluate_model, wikitext_text
     from tokenizer import tokenizer_from_meta
 
     text = None
@@ -292,10 +292,10 @@ def compare(cfg, rt, specs):
         model, tok_info, _ = checkpoint.load_model(source, rt.device)
         row = dict(source=source, params=model.num_params())
         if text is not None:
-            # the reference's WikiText protocol: context 1024, stride 512
-            block = min(1024, model.config.block_size)
+            block = min(WIKITEXT_CONTEXT, model.config.block_size)
             tokens = np.array(tokenizer_from_meta(tok_info).encode(text), dtype=np.int64)
-            r = evaluate_model(model, tokens, block, min(512, block), cfg["batch_size"], rt.device, rt.autocast())
+            r = evaluate_model(model, tokens, block, min(WIKITEXT_STRIDE, block), cfg["batch_size"], rt.device,
+                               rt.autocast())
             row.update(wikitext_ppl=r["ppl"], tok_s=r["tok_s"], tok_s_from="wikitext")
         del model
         for data_name, spec in specs:

@@ -30,10 +30,10 @@ class BinDataset:
         self.tokens, self.masks = {}, {}
         for split in SPLITS:
             self.tokens[split] = self._memmap(f"{split}.bin", self.dtype)
-            said = self.meta.get(f"{split}_tokens", len(self.tokens[split]))
-            if said != len(self.tokens[split]):
-                raise UserError(f"{meta_path} says {split}_tokens={said} but {split}.bin holds "
-                                f"{len(self.tokens[split])} tokens (an interrupted or mixed prepare); re-prepare")
+            held = len(self.tokens[split])
+            if self.meta.get(f"{split}_tokens", held) != held:
+                raise UserError(f"{meta_path} says {split}_tokens={self.meta[f'{split}_tokens']} but "
+                                f"{split}.bin holds {held} tokens (an interrupted or mixed prepare); re-prepare")
             if self.meta.get("has_mask"):
                 self.masks[split] = self._memmap(f"{split}.mask.bin", np.dtype(np.uint8))
                 if len(self.masks[split]) != len(self.tokens[split]):

@@ -17,7 +17,7 @@ import torch
 
 from checkpoint import load_model
 from configurator import UserError, run
-from evaluation import evaluate_model, wikitext_text
+from evaluation import WIKITEXT_STRIDE, evaluate_model, wikitext_text
 from inputs import named_sources, read_text_file, timestamped
 from trainer import Runtime
 
@@ -31,7 +31,6 @@ DEFAULTS = dict(
     batch_size=8, device="auto", dtype="auto",
     out="",  # JSON results; empty = out/eval/<timestamp>.json
 )
-TEXT_STRIDE = 512  # the reference's WikiText stride
 
 
 def check_tokenizer(name, tok_info, data, dataset):
@@ -81,7 +80,7 @@ def main(cfg):
                 from tokenizer import tokenizer_from_meta
                 encoded[key] = np.array(tokenizer_from_meta(tok_info).encode(raw), dtype=np.int64)
             tokens, mask = encoded[key], None
-            stride = cfg["stride"] or min(TEXT_STRIDE, block)
+            stride = cfg["stride"] or min(WIKITEXT_STRIDE, block)
         if len(tokens) < 2:
             raise UserError("the text has fewer than 2 tokens: nothing to score")
         r = evaluate_model(model, tokens, block, stride, cfg["batch_size"], rt.device, rt.autocast(),

@@ -17,6 +17,9 @@ from tqdm import tqdm
 from data import windows
 from inputs import hf_dataset
 
+# the WikiText protocol of the GPT-2 evaluation reference: windows of 1024 tokens starting 512 apart
+WIKITEXT_CONTEXT, WIKITEXT_STRIDE = 1024, 512
+
 
 def perplexity(loss):
     """exp(loss); inf once exp overflows a float (loss above ~709.78), nan for a nan loss."""

@@ -265,8 +265,8 @@ def save_dataset(folder, splits, names=None):
     names are given (as imdb and ag_news have them), else plain values."""
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
     features = Features(text=Value("string"), label=ClassLabel(names=names)) if names else None
-    DatasetDict({s: Dataset.from_dict(dict(text=[t for t, _ in rows], label=[y for _, y in rows]), features=features)
-                 for s, rows in splits.items()}).save_to_disk(str(folder))
+    columns = {s: dict(text=[t for t, _ in rows], label=[y for _, y in rows]) for s, rows in splits.items()}
+    DatasetDict({s: Dataset.from_dict(c, features=features) for s, c in columns.items()}).save_to_disk(str(folder))
     return str(folder)
 
 

@@ -71,7 +71,8 @@ def reader_classify(path):
 label_values = st.integers(-10 ** 6, 10 ** 6) | nonblank
 # values that make a required field bad: a string field / a label; blank too where it must not be
 broken_string = st.none() | st.integers() | st.booleans() | st.lists(st.integers(), max_size=2)
-broken_label = st.none() | st.booleans() | st.floats(allow_nan=False) | st.just("  ") | st.lists(st.integers(), max_size=2)
+broken_label = (st.none() | st.booleans() | st.floats(allow_nan=False) | st.just("  ")
+                | st.lists(st.integers(), max_size=2))
 LINE_KINDS = st.sampled_from(["good"] * 4 + ["field", "missing", "not_object", "cut", "not_utf8", "surrogate",
                                             "garbage", "blank"])
 NOT_OBJECTS = st.lists(json_values, max_size=2) | st.integers() | any_text | st.none()
