@@ -28,6 +28,7 @@ import time
 import torch
 
 from configurator import UserError, run
+from inputs import comma_list, timestamped
 from losses import ce_loss_fn, default_chunk_rows, hard_loss, kd_loss_fn
 from model import GPT, GPTConfig
 from optim import apply_gradients, make_optimizer
@@ -381,10 +382,7 @@ def report(res):
 
 
 def main(cfg):
-    parts = [p.strip() for p in cfg["parts"].split(",") if p.strip()]
-    bad = [p for p in parts if p not in PARTS]
-    if bad or not parts:
-        raise UserError(f"parts={cfg['parts']!r}: choose from {','.join(PARTS)}")
+    parts = comma_list(cfg["parts"], "parts", choices=PARTS)
     gen = cfg["gen_tokens"]
     cfg["gen_tokens"] = [int(n) for n in (gen if isinstance(gen, (tuple, list)) else [gen])]
     if cfg["warmup"] < 0 or min(cfg["repeats"], cfg["gen_batch"], cfg["prompt_len"], *cfg["gen_tokens"]) < 1:
@@ -432,7 +430,7 @@ def main(cfg):
     res["env"]["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
     res["wall_s"] = time.perf_counter() - t0
     print(report(res))
-    out = cfg["out"] or os.path.join("out", "bench", time.strftime("%Y%m%d-%H%M%S") + ".json")
+    out = cfg["out"] or timestamped(os.path.join("out", "bench"), ".json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(res, f, indent=1)

@@ -11,15 +11,12 @@ weight decay 0.01 on matrices only, clipping at 1.0, the head trained alone for 
 and then every layer with per-layer learning rates. The baseline is the same model with only the
 head trained for all epochs. Results go to results/<model>/<timestamp>/.
 
-Local data is CSV (a header with `text` and `label` columns) or JSONL (objects with `text` and
-`label`). Labels are ints or strings, numbered in sorted order. A bad row is an error naming its
-file and line, never silently skipped: a classifier scored on quietly shrunken data misleads.
+Data (labelled_text.py): imdb or ag_news, a local copy of a Hugging Face dataset (a folder
+written by save_to_disk, with train and test splits of text and label), or local CSV/JSONL files.
 """
 import csv
-import hashlib
 import json
 import os
-import re
 import time
 
 import numpy as np
@@ -28,12 +25,12 @@ import torch.nn as nn
 
 import checkpoint
 from configurator import UserError, format_config, run
+from evaluation import WIKITEXT_CONTEXT, WIKITEXT_STRIDE, evaluate_model, wikitext_text
+from inputs import named_sources, read_text_file, timestamped
+from labelled_text import dataset_specs, load_data, source_name
 from losses import hard_loss
 from optim import apply_gradients, lr_at, make_optimizer
 from runtime import Runtime
-
-HF_DATASETS = ("imdb", "ag_news")  # both have text/label columns and train/test splits
-CACHE_VERSION = 1  # bump when the cached arrays change meaning
 
 DEFAULTS = dict(
     model="",  # our checkpoint (out_dir or .pt), a HF GPT-2 folder, or a GPT-2 name
@@ -95,212 +92,6 @@ class GPTClassifier(nn.Module):
 
     def forward(self, idx, lengths=None):
         return self.head(self.drop(self.features(idx, lengths)))
-
-
-# ---------------------------------------------------------------- reading rows
-
-
-def _label(value, where):
-    if value is None or value == "":
-        raise UserError(f"{where}: missing label")
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise UserError(f"{where}: label must be an int or a string, got {type(value).__name__} {value!r}")
-    return str(value).strip()
-
-
-def _text(value, where):
-    if value is not None and not isinstance(value, str):
-        raise UserError(f"{where}: text must be a string, got {type(value).__name__}")
-    if not value or not value.strip():
-        raise UserError(f"{where}: missing text")
-    return value
-
-
-def read_rows(path):
-    """[(line, text, label)] of a CSV or JSONL file; any bad row is a UserError naming its line."""
-    if not os.path.isfile(path):
-        raise UserError(f"data file not found: {path}")
-    ext = os.path.splitext(path)[1].lower()
-    rows = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        if ext == ".csv":
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
-                raise UserError(f"{path}:1: the header needs columns text and label, found "
-                                f"{', '.join(reader.fieldnames or []) or 'nothing'}")
-            for record in reader:
-                line = reader.line_num  # the row's last line (a quoted field may span several)
-                where = f"{path}:{line}"
-                rows.append((line, _text(record.get("text"), where), _label(record.get("label"), where)))
-        elif ext in (".jsonl", ".json"):
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{n}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{where}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise UserError(f"{where}: expected an object with text and label, got {type(obj).__name__}")
-                rows.append((n, _text(obj.get("text"), where), _label(obj.get("label"), where)))
-        else:
-            raise UserError(f"{path}: use a .csv (text,label header) or .jsonl file")
-    if not rows:
-        raise UserError(f"{path} holds no rows")
-    return rows
-
-
-def sorted_labels(labels):
-    """Label names in id order: numerically when all look like ints, else alphabetically."""
-    uniq = set(labels)
-    if all(re.fullmatch(r"-?\d+", s) for s in uniq):
-        return sorted(uniq, key=int)
-    return sorted(uniq)
-
-
-def hf_rows(name):
-    """Train and test rows of imdb / ag_news through `datasets`, and their label names."""
-    alternative = (f"offline, pass local files instead: train_file=train.csv test_file=test.csv "
-                   f"(columns text,label) or data=file.jsonl")
-    try:
-        from datasets import load_dataset
-    except ImportError:
-        raise UserError(f"data={name} needs the datasets package (pip install datasets); {alternative}") from None
-    try:
-        ds = load_dataset(name)
-    except Exception as e:
-        raise UserError(f"cannot load {name} through datasets ({type(e).__name__}); {alternative}") from None
-    names = [str(n) for n in ds["train"].features["label"].names]
-    splits = [[(i + 1, t, names[y]) for i, (t, y) in enumerate(zip(ds[s]["text"], ds[s]["label"]))]
-              for s in ("train", "test")]
-    return splits[0], splits[1], names
-
-
-def dataset_specs(cfg):
-    """[(name, spec)]: spec is {"hf": name} or {"train": path, "test": path or ""}."""
-    specs = []
-    for item in filter(None, (s.strip() for s in cfg["data"].split(","))):
-        if item in HF_DATASETS:
-            specs.append((item, dict(hf=item)))
-        elif os.path.isfile(item):
-            specs.append((_stem(item), dict(train=item, test="")))
-        else:
-            raise UserError(f"data={item!r}: use {' or '.join(HF_DATASETS)}, or an existing .csv/.jsonl file")
-    if cfg["train_file"]:
-        specs.append((_stem(cfg["train_file"]), dict(train=cfg["train_file"], test=cfg["test_file"])))
-    elif cfg["test_file"]:
-        raise UserError("test_file= needs train_file= beside it")
-    if not specs:
-        raise UserError(f"give data= ({', '.join(HF_DATASETS)}, or a .csv/.jsonl file) or "
-                        f"train_file= [test_file=]")
-    return specs
-
-
-def _stem(path):
-    return os.path.splitext(os.path.basename(path.rstrip("/")))[0] or "data"
-
-
-# ---------------------------------------------------------------- tokenised, cached data
-
-
-class TextSet:
-    """Ragged token rows and their label ids; batches are right-padded to their longest row."""
-
-    def __init__(self, ids, lengths, labels):
-        self.ids, self.lengths, self.labels = ids, lengths, labels
-        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
-
-    def __len__(self):
-        return len(self.lengths)
-
-    def batch(self, rows, pad_id, device):
-        lengths = self.lengths[rows]
-        x = np.full((len(rows), int(lengths.max())), pad_id, dtype=np.int64)
-        for r, i in enumerate(rows):
-            x[r, :lengths[r]] = self.ids[self.offsets[i]:self.offsets[i + 1]]
-        return (torch.from_numpy(x).to(device), torch.from_numpy(lengths.astype(np.int64)).to(device),
-                torch.from_numpy(self.labels[rows]).to(device))
-
-
-def _encode(rows, tok, max_len, label_ids, where):
-    for line, _, label in rows:
-        if label not in label_ids:
-            raise UserError(f"{where}:{line}: label {label!r} does not occur in the training data "
-                            f"(labels: {', '.join(label_ids)})")
-    texts = [text for _, text, _ in rows]
-    try:
-        encoded = tok.encode_batch(texts)
-    except UserError:
-        for line, text, _ in rows:  # find the row, so the message can name it
-            try:
-                tok.encode(text)
-            except UserError as e:
-                raise UserError(f"{where}:{line}: {e}") from None
-        raise
-    lengths = np.array([min(len(e), max_len) for e in encoded], dtype=np.int32)
-    empty = np.flatnonzero(lengths == 0)
-    if len(empty):
-        raise UserError(f"{where}:{rows[empty[0]][0]}: the text encodes to no tokens")
-    ids = np.concatenate([np.asarray(e[:max_len], dtype=np.int32) for e in encoded])
-    return ids, lengths, np.array([label_ids[label] for _, _, label in rows], dtype=np.int64)
-
-
-def _fingerprint(name, spec, tok_info, max_len, test_fraction):
-    h = hashlib.sha256(json.dumps([CACHE_VERSION, name, tok_info, max_len], sort_keys=True).encode())
-    for key in ("train", "test"):
-        if spec.get(key):
-            with open(spec[key], "rb") as f:
-                h.update(hashlib.sha256(f.read()).digest())
-    if spec.get("train") and not spec.get("test"):
-        h.update(str(test_fraction).encode())
-    return h.hexdigest()[:12]
-
-
-def load_data(name, spec, tok, tok_info, max_len, cfg):
-    """(train TextSet, test TextSet, label names, cache path), tokenised once and cached."""
-    if spec.get("train") and not os.path.isfile(spec["train"]):
-        raise UserError(f"data file not found: {spec['train']}")
-    if spec.get("test") and not os.path.isfile(spec["test"]):
-        raise UserError(f"data file not found: {spec['test']}")
-    path = os.path.join(cfg["cache_dir"],
-                        f"{name}-{tok.name}-{_fingerprint(name, spec, tok_info, max_len, cfg['test_fraction'])}.npz")
-    if not os.path.isfile(path):
-        names = None
-        if "hf" in spec:
-            train_rows, test_rows, names = hf_rows(spec["hf"])
-            train_where, test_where = f"{name} train row", f"{name} test row"
-        else:
-            train_rows = read_rows(spec["train"])
-            train_where = test_where = spec["train"]
-            if spec["test"]:
-                test_rows, test_where = read_rows(spec["test"]), spec["test"]
-            else:
-                if len(train_rows) < 2 or not 0 < cfg["test_fraction"] < 1:
-                    raise UserError(f"splitting {spec['train']} needs 2+ rows and 0 < test_fraction < 1")
-                # a fixed permutation: the same rows are held out on every run and machine
-                order = np.random.default_rng(0).permutation(len(train_rows))
-                n_test = max(1, round(len(train_rows) * cfg["test_fraction"]))
-                test_rows = [train_rows[i] for i in sorted(order[:n_test])]
-                train_rows = [train_rows[i] for i in sorted(order[n_test:])]
-        names = names or sorted_labels([label for _, _, label in train_rows])
-        if len(names) < 2:
-            raise UserError(f"{train_where}: the training rows hold only the label {names[0]!r}; a "
-                            f"classifier needs 2 or more")
-        label_ids = {label: i for i, label in enumerate(names)}
-        arrays = {}
-        for split, rows, where in (("train", train_rows, train_where), ("test", test_rows, test_where)):
-            arrays[f"{split}_ids"], arrays[f"{split}_len"], arrays[f"{split}_labels"] = \
-                _encode(rows, tok, max_len, label_ids, where)
-        os.makedirs(cfg["cache_dir"], exist_ok=True)
-        with open(path + ".tmp", "wb") as f:  # renamed whole: a killed run leaves no torn cache
-            np.savez(f, labels=np.array(names), **arrays)
-        os.replace(path + ".tmp", path)
-        print(f"tokenised {name}: {len(train_rows)} train, {len(test_rows)} test rows -> {path}")
-    with np.load(path, allow_pickle=False) as z:
-        sets = [TextSet(z[f"{s}_ids"], z[f"{s}_len"], z[f"{s}_labels"]) for s in ("train", "test")]
-        names = [str(n) for n in z["labels"]]
-    return sets[0], sets[1], names, path
 
 
 # ---------------------------------------------------------------- training and scoring
@@ -422,14 +213,6 @@ def classify(cfg, rt, source, name, spec, out_dir):
 # ---------------------------------------------------------------- results
 
 
-def results_folder(root, name):
-    base = os.path.join(root, name, time.strftime("%Y%m%d-%H%M%S"))
-    path, n = base, 1
-    while os.path.exists(path):  # two runs in the same second keep separate folders
-        path, n = f"{base}-{n}", n + 1
-    return path
-
-
 def write_results(out_dir, cfg, metrics, labels, preds, names, extra):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
@@ -491,27 +274,23 @@ def report(metrics):
 
 def compare(cfg, rt, specs):
     """One table: params, WikiText PPL, accuracy / F1 on each dataset and tokens/s per model."""
-    from evaluate import evaluate_model, parse_models, wikitext_text
     from tokenizer import tokenizer_from_meta
 
     text = None
     if cfg["wikitext_file"]:
-        if not os.path.isfile(cfg["wikitext_file"]):
-            raise UserError(f"wikitext_file not found: {cfg['wikitext_file']}")
-        with open(cfg["wikitext_file"], encoding="utf-8") as f:
-            text = f.read()
+        text = read_text_file(cfg["wikitext_file"], "wikitext_file")
     elif cfg["wikitext"]:
         text = wikitext_text(cfg["wikitext"])
-    root = results_folder(cfg["results_dir"], "compare")
+    root = timestamped(os.path.join(cfg["results_dir"], "compare"))
     rows = {}
-    for model_name, source in parse_models(cfg["compare"]):
+    for model_name, source in named_sources(cfg["compare"], "compare"):
         model, tok_info, _ = checkpoint.load_model(source, rt.device)
         row = dict(source=source, params=model.num_params())
         if text is not None:
-            # the reference's WikiText protocol: context 1024, stride 512
-            block = min(1024, model.config.block_size)
+            block = min(WIKITEXT_CONTEXT, model.config.block_size)
             tokens = np.array(tokenizer_from_meta(tok_info).encode(text), dtype=np.int64)
-            r = evaluate_model(model, tokens, block, min(512, block), cfg["batch_size"], rt.device, rt.autocast())
+            r = evaluate_model(model, tokens, block, min(WIKITEXT_STRIDE, block), cfg["batch_size"], rt.device,
+                               rt.autocast())
             row.update(wikitext_ppl=r["ppl"], tok_s=r["tok_s"], tok_s_from="wikitext")
         del model
         for data_name, spec in specs:
@@ -570,8 +349,9 @@ def main(cfg):
         if len(specs) > 1:
             raise UserError("one dataset per run; use compare= to score several")
         name, spec = specs[0]
-        model_name = _stem(cfg["model"]) if cfg["model"].endswith(".pt") else os.path.basename(cfg["model"].rstrip("/"))
-        return classify(cfg, rt, cfg["model"], name, spec, results_folder(cfg["results_dir"], model_name))
+        model = cfg["model"]
+        model_name = source_name(model) if model.endswith(".pt") else os.path.basename(model.rstrip("/"))
+        return classify(cfg, rt, model, name, spec, timestamped(os.path.join(cfg["results_dir"], model_name)))
     finally:
         rt.close()
 

@@ -4,7 +4,6 @@
     python convert.py to=ours source=path/to/hf_folder out_dir=out/mine
     python convert.py to=hf source=out/student out=hf/student          # transformers can load it
 """
-import glob
 import math
 import os
 
@@ -40,9 +39,7 @@ def to_ours(cfg):
     sd["lm_head.weight"] = sd["transformer.wte.weight"]
     model.load_state_dict(sd)
     if cfg["overwrite"]:
-        # an earlier run's step files would outlive keep_last=1 pruning (they sort after step 0)
-        for old in glob.glob(os.path.join(out_dir, "ckpt*.pt")) + glob.glob(os.path.join(out_dir, "best.pt")):
-            os.remove(old)
+        checkpoint.clear(out_dir)
     state = dict(model=model.state_dict(), model_args=config.to_dict(), config=cfg, step=0,
                  best_val_loss=math.inf, tokenizer=tokenizer)
     path = checkpoint.save(state, out_dir, step=0, keep_last=1)

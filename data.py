@@ -14,6 +14,7 @@ from configurator import UserError
 from tokenizer import RECORD_KEYS, TOKENIZER_FILE, vocab_sha256
 
 SPLITS = ("train", "val")
+DTYPES = ("uint16", "uint32")  # what prepare/ writes: uint32 only when the vocab passes 65536
 
 
 class BinDataset:
@@ -25,13 +26,16 @@ class BinDataset:
         if not os.path.isfile(meta_path):
             raise UserError(f"{data_dir} has no meta.json: it was not prepared, or its prepare "
                             f"was interrupted; rerun the prepare script")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        self.meta = _read_meta(meta_path)
         self.dir = data_dir
         self.dtype = np.dtype(self.meta.get("dtype", "uint16"))
         self.tokens, self.masks = {}, {}
         for split in SPLITS:
             self.tokens[split] = self._memmap(f"{split}.bin", self.dtype)
+            held = len(self.tokens[split])
+            if self.meta.get(f"{split}_tokens", held) != held:
+                raise UserError(f"{meta_path} says {split}_tokens={self.meta[f'{split}_tokens']} but "
+                                f"{split}.bin holds {held} tokens (an interrupted or mixed prepare); re-prepare")
             if self.meta.get("has_mask"):
                 self.masks[split] = self._memmap(f"{split}.mask.bin", np.dtype(np.uint8))
                 if len(self.masks[split]) != len(self.tokens[split]):
@@ -92,8 +96,33 @@ class BinDataset:
         starts = rng.integers(0, len(self.tokens[split]) - block_size, size=rows)[-batch_size:]
         return self._window(split, starts, block_size)
 
-    def windows(self, split, block_size, batch_size, stride=None):
-        return windows(self.tokens[split], block_size, batch_size, stride, self.masks.get(split))
+
+
+def _read_meta(path):
+    """meta.json, checked for what reading the bins relies on; the first thing wrong is one line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or absurdly nested
+        raise UserError(f"{path} is not valid JSON ({type(e).__name__}); re-prepare the dataset") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} holds a JSON {type(meta).__name__}, not an object; re-prepare the dataset")
+    dtype, vocab = meta.get("dtype", "uint16"), meta.get("vocab_size")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise UserError(f"{path}: dtype={dtype!r}, expected one of {', '.join(DTYPES)}; re-prepare the dataset")
+    if not _is_int(vocab) or not 0 < vocab <= np.iinfo(dtype).max + 1:
+        raise UserError(f"{path}: vocab_size={vocab!r} must be a whole number from 1 to "
+                        f"{np.iinfo(dtype).max + 1} ({dtype} tokens); re-prepare the dataset")
+    if not isinstance(meta.get("has_mask", False), bool):
+        raise UserError(f"{path}: has_mask={meta['has_mask']!r} must be true or false; re-prepare the dataset")
+    for key in (f"{split}_tokens" for split in SPLITS):
+        if key in meta and not _is_int(meta[key]):
+            raise UserError(f"{path}: {key}={meta[key]!r} must be a whole number; re-prepare the dataset")
+    return meta
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _windows_at(tokens, mask, starts, T):

@@ -68,7 +68,7 @@ def evaluate_all(runs, dataset, block_size, device):
     """Exact loss over the whole val split for each run's final checkpoint."""
     from checkpoint import load_model
     from data import BinDataset
-    from evaluate import evaluate_model
+    from evaluation import evaluate_model
     from runtime import resolve_device
     device = resolve_device(device)
     data = BinDataset(dataset)

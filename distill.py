@@ -11,6 +11,7 @@ import torch
 import checkpoint
 from configurator import UserError, run
 from data import BinDataset
+from inputs import comma_list
 from losses import KINDS, kd_loss_fn
 from runtime import Runtime
 from tokenizer import check_same
@@ -58,7 +59,7 @@ def init_from_teacher_layers(student, teacher, layers_spec):
                         f"n_head={s.n_head}, teacher n_embd={t.n_embd} n_head={t.n_head}")
     if s.bias != t.bias:
         raise UserError(f"student bias={s.bias} but teacher bias={t.bias}: set bias={t.bias}")
-    layers = [int(i) for i in str(layers_spec).split(",")] if layers_spec else default_layers(t.n_layer, s.n_layer)
+    layers = comma_list(layers_spec, "teacher_layers", convert=int) or default_layers(t.n_layer, s.n_layer)
     if len(layers) != s.n_layer or not all(0 <= i < t.n_layer for i in layers):
         raise UserError(f"teacher_layers={layers} must name n_layer={s.n_layer} blocks of the "
                         f"teacher's {t.n_layer}")

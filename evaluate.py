@@ -3,24 +3,24 @@
     python evaluate.py models=teacher=out/demo/teacher,distilled=out/demo/distilled dataset=data/shakespeare_char
     python evaluate.py models=gpt2,path/to/distilgpt2 text=wiki.test.raw stride=512
     python evaluate.py models=gpt2 wikitext=wikitext-2-raw-v1        # needs a network
+    python evaluate.py models=gpt2 wikitext=data/wt2_saved            # a local copy (save_to_disk)
 
 Every target token is scored exactly once. With stride < context, windows overlap and each
 token after the first window is predicted with at least context - stride tokens of history (the
 WikiText protocol of the GPT-2 evaluation reference: context 1024, stride 512).
 """
 import json
-import math
 import os
-import time
 
 import numpy as np
 import torch
 
 from checkpoint import load_model
 from configurator import UserError, run
+from evaluation import WIKITEXT_STRIDE, evaluate_model, wikitext_text
+from inputs import named_sources, read_text_file, timestamped
 from runtime import Runtime
 from tokenizer import check_same, identity, tokenizer_from_meta
-from trainer import tokens_loss
 
 DEFAULTS = dict(
     models="",  # comma-separated sources (our out_dir, HF folder, GPT-2 name), optionally name=source
@@ -32,55 +32,6 @@ DEFAULTS = dict(
     batch_size=8, device="auto", dtype="auto",
     out="",  # JSON results; empty = out/eval/<timestamp>.json
 )
-TEXT_STRIDE = 512  # the reference's WikiText stride
-
-
-def parse_models(spec):
-    """[(name, source)] from "a,b" or "teacher=out/t,student=out/s"; a bare source is named by its folder."""
-    models = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, _, source = item.rpartition("=") if "=" in item else ("", "", item)
-        models.append((name or os.path.basename(source.rstrip("/")) or source, source))
-    if not models:
-        raise UserError("models= is required: comma-separated checkpoints, HF folders or GPT-2 names")
-    names = [n for n, _ in models]
-    if len(set(names)) != len(names):
-        raise UserError(f"models= gives two models the same name ({names}); name them: a=path1,b=path2")
-    return models
-
-
-def wikitext_text(config_name):
-    """The test split as the raw file (wiki.test.raw) reads."""
-    try:
-        from datasets import load_dataset
-        rows = load_dataset("wikitext", config_name, split="test")["text"]
-    except Exception as e:
-        raise UserError(f"cannot load wikitext/{config_name} ({type(e).__name__}); offline, pass the "
-                        f"raw test file with text=path/to/wiki.test.raw") from None
-    # rows are the file's lines with their newlines, except its blank lines (" \n") which come back
-    # empty: restoring them makes wikitext= and text=wiki.test.raw score the very same tokens
-    return "".join(r or " \n" for r in rows)
-
-
-def evaluate_model(model, tokens, block_size=0, stride=0, batch_size=8, device="cpu", autocast=None,
-                   mask=None, split="val", progress=False):
-    """Exact mean cross-entropy of `model` over every target of `tokens`, each scored once.
-
-    tokens: a 1-D token array, or a data.BinDataset (its `split`, with its loss mask if any).
-    block_size: tokens per window, 0 = the model's own context. stride: distance between window
-    starts, 0 = block_size (non-overlapping); a smaller stride gives every target after the first
-    window at least block_size - stride tokens of history. autocast: a context manager or None.
-    Returns dict(params, loss, ppl, tokens (targets scored), tok_s, block_size, stride).
-    """
-    if hasattr(tokens, "tokens"):  # a BinDataset
-        tokens, mask = tokens.tokens[split], tokens.masks.get(split)
-    block_size = block_size or model.config.block_size
-    stride = stride or block_size
-    t = time.perf_counter()
-    loss, n = tokens_loss(model, tokens, block_size, batch_size, device, autocast, stride, mask, progress)
-    dt = time.perf_counter() - t
-    return dict(params=model.num_params(), loss=loss, ppl=math.exp(loss) if loss < 700 else math.inf,
-                tokens=n, tok_s=n / dt if dt > 0 else 0.0, block_size=block_size, stride=stride)
 
 
 def load_eval_text(cfg):
@@ -93,15 +44,12 @@ def load_eval_text(cfg):
             raise UserError(f"split={cfg['split']!r}: use one of {', '.join(SPLITS)}")
         return BinDataset(cfg["dataset"]), None
     if cfg["text"]:
-        if not os.path.isfile(cfg["text"]):
-            raise UserError(f"text file not found: {cfg['text']}")
-        with open(cfg["text"], encoding="utf-8") as f:
-            return None, f.read()
+        return None, read_text_file(cfg["text"], "text")
     return None, wikitext_text(cfg["wikitext"])
 
 
 def main(cfg):
-    models = parse_models(cfg["models"])
+    models = named_sources(cfg["models"], "models")
     data, raw = load_eval_text(cfg)
     rt = Runtime(cfg)
     encoded = {}  # one tokenisation of the text per distinct tokenizer
@@ -121,7 +69,7 @@ def main(cfg):
             if key not in encoded:
                 encoded[key] = np.array(tokenizer_from_meta(tok_info).encode(raw), dtype=np.int64)
             tokens, mask = encoded[key], None
-            stride = cfg["stride"] or min(TEXT_STRIDE, block)
+            stride = cfg["stride"] or min(WIKITEXT_STRIDE, block)
         if len(tokens) < 2:
             raise UserError("the text has fewer than 2 tokens: nothing to score")
         r = evaluate_model(model, tokens, block, stride, cfg["batch_size"], rt.device, rt.autocast(),
@@ -133,7 +81,7 @@ def main(cfg):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     print(table(results))
-    out = cfg["out"] or os.path.join("out", "eval", time.strftime("%Y%m%d-%H%M%S") + ".json")
+    out = cfg["out"] or timestamped(os.path.join("out", "eval"), ".json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(dict(results=results, config=cfg), f, indent=2)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from configurator import UserError
+from inputs import comma_list
 
 TARGETS = {"attn": "attn.c_attn", "attn_proj": "attn.c_proj", "mlp": "mlp.c_fc", "mlp_proj": "mlp.c_proj"}
 
@@ -34,11 +35,7 @@ class LoRALinear(nn.Module):
 
 
 def parse_targets(spec):
-    names = [t.strip() for t in spec.split(",") if t.strip()]
-    bad = [t for t in names if t not in TARGETS]
-    if bad or not names:
-        raise UserError(f"lora_targets={spec!r}: choose from {', '.join(TARGETS)}")
-    return names
+    return comma_list(spec, "lora_targets", choices=TARGETS)
 
 
 def apply(model, rank, alpha, dropout=0.0, targets="attn,attn_proj,mlp,mlp_proj"):

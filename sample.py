@@ -20,6 +20,7 @@ import torch
 
 import checkpoint
 from configurator import UserError, run
+from inputs import field, read_jsonl, read_text_file
 from tokenizer import tokenizer_from_meta
 from runtime import Runtime
 
@@ -40,35 +41,18 @@ def read_prompts(path):
     """[(prompt, extra fields)] from a .txt (one per non-blank line) or a .jsonl file."""
     if not os.path.isfile(path):
         raise UserError(f"prompts file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    if not path.endswith(".jsonl"):
-        prompts = [(line, {}) for line in lines if line.strip()]
-        if not prompts:
-            raise UserError(f"{path} holds no prompts (one per line expected)")
-        return prompts
-    prompts, bad = [], []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            rec = None
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-            bad.append(n)
-            continue
-        # a response already in the input is replaced by the one generated here
-        prompts.append((rec["prompt"], {k: v for k, v in rec.items() if k not in RESERVED}))
-    if bad:
-        shown = ", ".join(map(str, bad[:20])) + (", ..." if len(bad) > 20 else "")
-        msg = f"{path}: {len(bad)} line(s) are not JSON objects with a string 'prompt' (line {shown})"
-        if not prompts:
-            raise UserError(msg)
-        print(f"warning: {msg}; skipped", file=sys.stderr)
+    if path.endswith(".jsonl"):
+        prompts = [p for _, p in read_jsonl(path, _prompt, skip_bad=True)]
+    else:
+        prompts = [(line, {}) for line in read_text_file(path, "prompts").splitlines() if line.strip()]
     if not prompts:
-        raise UserError(f"{path} holds no prompts")
+        raise UserError(f"{path} holds no prompts (one per line, or JSON objects with a 'prompt')")
     return prompts
+
+
+def _prompt(record):
+    # a response already in the input is replaced by the one generated here
+    return field(record, "prompt", blank_ok=True), {k: v for k, v in record.items() if k not in RESERVED}
 
 
 def encode(tok, text, where):

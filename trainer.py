@@ -15,13 +15,13 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import lora
 import optim
 from configurator import UserError, format_config
+from evaluation import estimate_loss, perplexity, split_loss
 from runtime import measure_peak_flops
 from tokenizer import check_same
 
@@ -45,50 +45,6 @@ DEFAULTS = dict(
     device="auto", dtype="auto", compile=False, seed=1337, max_bad_steps=10,
     chunk_rows=0,  # the losses run over B*T rows in chunks of this many (0: about 4M logits a chunk)
 )
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def estimate_loss(model, data, cfg, rt, split):
-    """Mean CE over eval_iters fixed batches (the same batches at every eval)."""
-    model.eval()
-    losses = []
-    for i in range(cfg["eval_iters"]):
-        x, y = data.batch(split, cfg["batch_size"], cfg["block_size"], cfg["seed"] + 1, i, 0,
-                          rt.world, rt.rank)
-        with rt.autocast():
-            _, loss = model(x.to(rt.device), y.to(rt.device))
-        losses.append(loss.item())
-    model.train()
-    return rt.all_mean(float(np.mean(losses)))
-
-
-@torch.no_grad()
-def tokens_loss(model, tokens, block_size, batch_size, device="cpu", autocast=None, stride=None,
-                mask=None, progress=False):
-    """Exact token-weighted CE over every target of a token array: (mean loss, tokens scored)."""
-    from tqdm import tqdm
-
-    from data import windows
-    model.eval()
-    total, count = 0.0, 0
-    V = model.config.vocab_size
-    batches = windows(tokens, block_size, batch_size, stride, mask)
-    for x, y in tqdm(batches, unit="batch", leave=False, dynamic_ncols=True, disable=not progress):
-        x, y = x.to(device), y.to(device)
-        with autocast or contextlib.nullcontext():
-            logits, _ = model(x)
-        total += F.cross_entropy(logits[..., :V].float().reshape(-1, V), y.reshape(-1),
-                                 ignore_index=-1, reduction="sum").item()
-        count += int((y >= 0).sum())
-    return total / max(count, 1), count
-
-
-def split_loss(model, data, split, block_size, batch_size, device="cpu", autocast=None, stride=None):
-    return tokens_loss(model, data.tokens[split], block_size, batch_size, device, autocast, stride,
-                       data.masks.get(split))
 
 
 # ---------------------------------------------------------------- one optimizer step's gradient
@@ -261,7 +217,7 @@ class TrainState:
         val = estimate_loss(model, data, self.cfg, self.rt, "val")
         best = val < self.best_val
         self.best_val = min(self.best_val, val)
-        metrics.log(dict(step=self.step, val_loss=val, val_ppl=math.exp(min(val, 50)), time=self.elapsed()))
+        metrics.log(dict(step=self.step, val_loss=val, val_ppl=perplexity(val), time=self.elapsed()))
         self.save(best)
 
 
@@ -312,9 +268,9 @@ def step_record(state, loss, parts, lr, norm, speed, rt):
 def final_eval(model, data, cfg, rt, metrics, step):
     val, n = split_loss(model, data, "val", cfg["block_size"], cfg["batch_size"], rt.device, rt.autocast())
     if rt.master:
-        metrics.log(dict(step=step, final_val_loss=val, final_val_ppl=math.exp(min(val, 50)),
+        metrics.log(dict(step=step, final_val_loss=val, final_val_ppl=perplexity(val),
                          val_tokens=n))
-        print(f"final val loss {val:.4f} (ppl {math.exp(min(val, 50)):.2f}) over all {n} val tokens")
+        print(f"final val loss {val:.4f} (ppl {perplexity(val):.2f}) over all {n} val tokens")
     return val
 
 

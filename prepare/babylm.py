@@ -3,41 +3,40 @@ BabyLM distillation project does.
 
     python prepare/babylm.py input=train_10M/ out=data/babylm        # the six .train files
     python prepare/babylm.py                                          # from the hub; needs a network
+    python prepare/babylm.py hf_dataset=babylm_saved/                 # a local copy (save_to_disk)
 
 The .train files (bnc_spoken, childes, gutenberg, open_subtitles, simple_wiki, switchboard) are
 merged in file-name order keeping each file's line order (dialogue stays coherent), then the
 first 95% of lines train and the last 5% validate. Each file's share of a split is one document.
 """
-import glob
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
-from prepare.common import load_hf, resolve_num_proc, tokenizer_for, write_dataset  # noqa: E402
+from inputs import expand_files, hf_dataset  # noqa: E402
+from prepare.common import resolve_num_proc, tokenizer_for, write_dataset  # noqa: E402
 
 DEFAULTS = dict(input="", out="data/babylm", tokenizer="gpt2", val_fraction=0.05,
                 hf_dataset="AlienKevin/BabyLM_2024_10M", num_proc=0)
 
 
-def local_sources(folder):
-    if not os.path.isdir(folder):
-        raise UserError(f"input={folder}: not a folder; pass the folder holding the .train files "
-                        f"(e.g. train_10M/)")
-    files = sorted(glob.glob(os.path.join(folder, "*.train")))
+def local_sources(spec):
+    files = expand_files(spec, ("train",))
     if not files:
-        raise UserError(f"input={folder}: no .train files there (expected bnc_spoken.train, "
+        raise UserError(f"input={spec}: no .train files there (expected bnc_spoken.train, "
                         f"childes.train, ...)")
     sources = []
     for path in files:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             sources.append((os.path.basename(path), f.readlines()))
     return sources
 
 
 def hub_sources(name):
-    ds = load_hf(name, split="train", offline_hint="pass the folder of .train files with input=train_10M/")
-    return [(name, [t if t.endswith("\n") else t + "\n" for t in ds["text"]])]
+    ds = hf_dataset(name, split="train", columns=("text",),
+                    hint="pass the folder of .train files with input=train_10M/")
+    return [(name, [t if t.endswith("\n") else (t or "") + "\n" for t in ds["text"]])]
 
 
 def split_lines(sources, val_fraction):

@@ -6,7 +6,6 @@ A dataset is <out>/train.bin, val.bin (uint16 tokens, uint32 only past 65535), o
 with one, and meta.json. meta.json is written last, after every other file is fsynced and
 renamed into place: a folder without it is unfinished, and readers refuse it.
 """
-import glob
 import itertools
 import json
 import os
@@ -143,22 +142,6 @@ def tokenizer_for(name, texts):
     return get_tokenizer(name, char_vocab(texts) if name == "char" else None)
 
 
-def find_files(spec):
-    """The files of a comma-separated list of files, folders (their .txt files, recursively) and globs."""
-    files = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        if os.path.isdir(part):
-            files += sorted(glob.glob(os.path.join(part, "**", "*.txt"), recursive=True))
-        elif os.path.isfile(part):
-            files.append(part)
-        else:
-            matched = sorted(glob.glob(part, recursive=True))
-            if not matched:
-                raise UserError(f"input: nothing matches {part!r}")
-            files += [m for m in matched if os.path.isfile(m)]
-    return files
-
-
 def read_text(path):
     """A file's text; bytes that are not UTF-8 become U+FFFD rather than stopping a long run."""
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -170,28 +153,21 @@ def resolve_num_proc(num_proc):
     return num_proc if num_proc > 0 else max(1, min(4, os.cpu_count() or 1))
 
 
-def every_nth(n_items, val_fraction):
-    """Deterministic held-out indices: every round(1/val_fraction)-th item, starting mid-stride
-    so the first and last items (often atypical: prefaces, appendices) train."""
+def split_every_nth(items, val_fraction):
+    """({"train": items, "val": items}, n): every n = round(1/val_fraction)-th item is held out,
+    starting mid-stride so the first and last items (often atypical: prefaces, appendices) train."""
     if not 0 < val_fraction < 1:
         raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.1)")
     every = max(2, round(1 / val_fraction))
-    return set(range(every // 2, n_items, every)) or {n_items - 1}, every
+    held = set(range(every // 2, len(items), every)) or {len(items) - 1}
+    return {"train": [x for i, x in enumerate(items) if i not in held],
+            "val": [items[i] for i in sorted(held)]}, every
 
 
-def load_hf(path, name=None, split=None, offline_hint="pass a local copy with input="):
-    """A Hugging Face dataset, or one line saying how to do without it."""
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(f"{path} needs the datasets package: pip install datasets; or "
-                        f"{offline_hint}") from None
-    try:
-        return datasets.load_dataset(path, name, split=split)
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
-        raise UserError(f"cannot load {path}{'/' + name if name else ''} ({type(e).__name__}: "
-                        f"{reason}); offline, {offline_hint}") from None
+def read_documents(files):
+    """The text of every file that holds any: one document a file. Undecodable bytes become U+FFFD
+    rather than stopping a large corpus at one bad file."""
+    return [text for text in map(read_text, files) if text.strip()]
 
 
 class Column:

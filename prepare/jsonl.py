@@ -8,35 +8,16 @@ val.mask.bin: 1 = the token is a prediction target) is 0 on the prompt, so the m
 answer rather than to ask, unless train_on_prompt=True; the end-of-text is a target so the
 model learns to stop. Every round(1/val_fraction)-th record goes to val.
 """
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
-from prepare.common import every_nth, resolve_num_proc, tokenizer_for, write_dataset  # noqa: E402
+from inputs import field, read_jsonl  # noqa: E402
+from prepare.common import resolve_num_proc, split_every_nth, tokenizer_for, write_dataset  # noqa: E402
 
 DEFAULTS = dict(input="", out="data/jsonl", tokenizer="gpt2", prompt_key="prompt",
                 response_key="response", train_on_prompt=False, val_fraction=0.1, num_proc=0)
-SHOW_BAD = 5  # line numbers listed in the summary of skipped records
-
-
-def _problem(line, prompt_key, response_key):
-    """(prompt, response), or a short reason why the line is not a usable record."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return "not JSON"
-    if not isinstance(record, dict):
-        return "not a JSON object"
-    for key in (prompt_key, response_key):
-        if key not in record:
-            return f"no {key!r}"
-        if not isinstance(record[key], str):
-            return f"{key!r} is not a string"
-    if not record[response_key].strip():
-        return "empty response"
-    return record[prompt_key], record[response_key]
 
 
 def read_records(path, prompt_key, response_key):
@@ -44,23 +25,10 @@ def read_records(path, prompt_key, response_key):
     if not os.path.isfile(path):
         raise UserError(f"input={path}: file not found (a .jsonl file of {{{prompt_key!r}: ..., "
                         f"{response_key!r}: ...}} lines)")
-    records, bad = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            result = _problem(line, prompt_key, response_key)
-            if isinstance(result, str):
-                bad.append((lineno, result))
-            else:
-                records.append(result)
-    if bad:
-        shown = ", ".join(f"line {n} ({why})" for n, why in bad[:SHOW_BAD])
-        more = f" and {len(bad) - SHOW_BAD} more" if len(bad) > SHOW_BAD else ""
-        summary = f"{path}: {len(bad)} of {len(bad) + len(records)} records bad: {shown}{more}"
-        if not records:
-            raise UserError(f"no usable records; {summary}")
-        print(f"warning: skipped {summary}", file=sys.stderr)
+
+    def pair(record):
+        return field(record, prompt_key, blank_ok=True), field(record, response_key)
+    records = [r for _, r in read_jsonl(path, pair, skip_bad=True)]
     if not records:
         raise UserError(f"input={path}: the file has no records")
     return records
@@ -70,10 +38,7 @@ def main(cfg):
     if not cfg["input"]:
         raise UserError("input= is required: a .jsonl file of prompt/response records")
     records = read_records(cfg["input"], cfg["prompt_key"], cfg["response_key"])
-    held, every = every_nth(len(records), cfg["val_fraction"])
-    items = [(p, r, cfg["train_on_prompt"]) for p, r in records]
-    splits = {"train": [x for i, x in enumerate(items) if i not in held],
-              "val": [items[i] for i in sorted(held)]}
+    splits, every = split_every_nth([(p, r, cfg["train_on_prompt"]) for p, r in records], cfg["val_fraction"])
     tok = tokenizer_for(cfg["tokenizer"], [p + r for p, r in records])
     write_dataset(cfg["out"], splits, tok, source=f"{len(records)} records from {cfg['input']}",
                   split_rule=f"every {every}th record to val", num_proc=resolve_num_proc(cfg["num_proc"]),

@@ -2,88 +2,53 @@
 
     python prepare/openwebtext.py                                  # needs a network and ~55 GB
     python prepare/openwebtext.py input=owt/ out=data/owt_small    # local .txt / .jsonl files
+    python prepare/openwebtext.py hf_dataset=owt_saved/            # a local copy (save_to_disk)
 
-Online, val is a seeded random 0.05% of the documents (nanoGPT's split: test_size=0.0005,
-seed=2357). Locally, each .txt file is a document and each line of a .jsonl file is one (its
-"text" field); every round(1/val_fraction)-th document goes to val.
+From the hub or a saved copy, val is a seeded random 0.05% of the documents (nanoGPT's split:
+test_size=0.0005, seed=2357). From input=, each .txt file is a document and each line of a
+.jsonl file is one (its "text" field); every round(1/val_fraction)-th document goes to val.
 """
-import glob
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
-from prepare.common import (Column, every_nth, load_hf, resolve_num_proc, tokenizer_for,  # noqa: E402
-                            write_dataset)
+from inputs import expand_files, field, hf_dataset, read_jsonl  # noqa: E402
+from prepare.common import (Column, read_documents, resolve_num_proc, split_every_nth,  # noqa: E402
+                            tokenizer_for, write_dataset)
 
 DEFAULTS = dict(input="", out="data/openwebtext", tokenizer="gpt2", val_fraction=0.0005, seed=2357,
                 hf_dataset="Skylion007/openwebtext", num_proc=0)
 
 
-def local_files(spec):
-    files = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        if os.path.isdir(part):
-            files += sorted(f for ext in ("txt", "jsonl")
-                            for f in glob.glob(os.path.join(part, "**", f"*.{ext}"), recursive=True))
-        elif os.path.isfile(part):
-            files.append(part)
-        else:
-            raise UserError(f"input: {part!r} is neither a file nor a folder")
-    return files
-
-
-def read_jsonl_texts(path):
-    """The "text" of every line; lines that are not JSON objects with a text are reported."""
-    texts, bad = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line).get("text")
-            except (json.JSONDecodeError, AttributeError):
-                text = None
-            if isinstance(text, str) and text.strip():
-                texts.append(text)
-            else:
-                bad.append(lineno)
-    if bad:
-        print(f"{path}: skipped {len(bad)} lines without a \"text\" string (lines "
-              f"{', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''})", file=sys.stderr)
-    return texts
-
-
 def local_documents(spec):
     docs = []
-    for path in local_files(spec):
+    for path in expand_files(spec, ("txt", "jsonl")):
         if path.endswith(".jsonl"):
-            docs += read_jsonl_texts(path)
+            docs += [text for _, text in read_jsonl(path, _text, skip_bad=True)]
         else:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-            if text.strip():
-                docs.append(text)
+            docs += read_documents([path])
     if not docs:
         raise UserError(f"input={spec!r}: no documents in .txt or .jsonl files")
     return docs
+
+
+def _text(record):
+    return field(record, "text")
 
 
 def main(cfg):
     tok_name, num_proc = cfg["tokenizer"], resolve_num_proc(cfg["num_proc"])
     if cfg["input"]:
         docs = local_documents(cfg["input"])
-        held, every = every_nth(len(docs), cfg["val_fraction"])
-        splits = {"train": [d for i, d in enumerate(docs) if i not in held],
-                  "val": [docs[i] for i in sorted(held)]}
+        splits, every = split_every_nth(docs, cfg["val_fraction"])
         source, rule = f"{len(docs)} local documents from {cfg['input']}", f"every {every}th document to val"
     else:
         if tok_name == "char":
             raise UserError("tokenizer=char needs the whole corpus in memory for its vocabulary; "
                             "use tokenizer=gpt2 for OpenWebText, or a local subset with input=")
-        ds = load_hf(cfg["hf_dataset"], split="train",
-                     offline_hint="pass local .txt/.jsonl files with input=path/to/owt")
+        ds = hf_dataset(cfg["hf_dataset"], split="train", columns=("text",),
+                        hint="pass local .txt/.jsonl files with input=path/to/owt")
         parts = ds.train_test_split(test_size=cfg["val_fraction"], seed=cfg["seed"], shuffle=True)
         splits = {"train": Column(parts["train"]), "val": Column(parts["test"])}
         source = f"{cfg['hf_dataset']} (Hugging Face), {len(ds):,} documents"

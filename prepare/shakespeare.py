@@ -11,6 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
+from inputs import comma_list  # noqa: E402
 from prepare.common import resolve_num_proc, tokenizer_for, write_dataset  # noqa: E402
 from prepare.plays import play_texts  # noqa: E402
 
@@ -31,7 +32,7 @@ def default_out(tokenizer):
 def main(cfg):
     texts = play_texts()
     names = list(texts)
-    val = cfg["val_plays"].split(",") if cfg["val_plays"] else names[VAL_EVERY // 2::VAL_EVERY]
+    val = comma_list(cfg["val_plays"], "val_plays") or names[VAL_EVERY // 2::VAL_EVERY]
     unknown = [v for v in val if v not in texts]
     if unknown:
         raise UserError(f"val_plays: unknown play {unknown[0]!r}; plays are named like {names[0]}")

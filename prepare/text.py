@@ -12,7 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
-from prepare.common import (every_nth, find_files, read_text, resolve_num_proc, tokenizer_for,  # noqa: E402
+from inputs import expand_files  # noqa: E402
+from prepare.common import (read_documents, resolve_num_proc, split_every_nth, tokenizer_for,  # noqa: E402
                             write_dataset)
 
 DEFAULTS = dict(input="", out="data/text", tokenizer="gpt2", val_fraction=0.1, num_proc=0)
@@ -20,19 +21,17 @@ DEFAULTS = dict(input="", out="data/text", tokenizer="gpt2", val_fraction=0.1, n
 
 def split_documents(docs, val_fraction):
     """(train, val, rule): whole documents to val, or a 90/10 cut of a lone document."""
-    held, every = every_nth(len(docs), val_fraction)
+    splits, every = split_every_nth(docs, val_fraction)
     if len(docs) == 1:
         cut = int(len(docs[0]) * (1 - val_fraction))
         return [docs[0][:cut]], [docs[0][cut:]], f"one document cut at {1 - val_fraction:.0%} of its text"
-    train = [d for i, d in enumerate(docs) if i not in held]
-    val = [docs[i] for i in sorted(held)]
-    return train, val, f"every {every}th document to val"
+    return splits["train"], splits["val"], f"every {every}th document to val"
 
 
 def main(cfg):
     if not cfg["input"]:
         raise UserError("input= is required: .txt files, folders or globs, comma-separated")
-    docs = [text for text in map(read_text, find_files(cfg["input"])) if text.strip()]
+    docs = read_documents(expand_files(cfg["input"], ("txt",)))
     if not docs:
         raise UserError(f"input={cfg['input']!r}: no non-empty .txt files found")
     train, val, rule = split_documents(docs, cfg["val_fraction"])

@@ -17,7 +17,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
-from prepare.common import find_files, read_text, write_text_atomically  # noqa: E402
+from inputs import expand_files  # noqa: E402
+from prepare.common import read_text, write_text_atomically  # noqa: E402
 from prepare.plays import play_texts  # noqa: E402
 from tokenizer import EOT_NAMES, TOKENIZER_FILE  # noqa: E402
 
@@ -35,7 +36,7 @@ def documents(spec):
     if not spec:
         texts = list(play_texts().values())
         return texts, len(texts)
-    files = find_files(spec)
+    files = expand_files(spec, ("txt",))
     if not files:
         raise UserError(f"input={spec!r}: no files found")
     return map(read_text, files), len(files)

@@ -2,6 +2,7 @@
 
     python prepare/wikitext.py config=wikitext-103-raw-v1           # needs a network
     python prepare/wikitext.py input=wikitext-103-raw/ out=data/wt103  # local wiki.{train,valid}.raw
+    python prepare/wikitext.py config=wt103_saved/                    # a local copy (save_to_disk)
 
 The test split is left alone: evaluate.py scores it. Each article (from its " = Title = " line
 to the next) is a document, so GPT-2 sees <|endoftext|> between articles as it did in WebText.
@@ -12,7 +13,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
-from prepare.common import load_hf, resolve_num_proc, tokenizer_for, write_dataset  # noqa: E402
+from inputs import hf_dataset  # noqa: E402
+from prepare.common import resolve_num_proc, tokenizer_for, write_dataset  # noqa: E402
 
 DEFAULTS = dict(input="", config="wikitext-103-raw-v1", out="data/wikitext", tokenizer="gpt2", num_proc=0)
 SPLITS = {"train": "train", "val": "valid"}  # ours -> the file names' (HF calls it "validation")
@@ -43,12 +45,18 @@ def local_texts(spec):
 
 
 def hub_texts(config):
+    """The train and validation splits from the hub, or from a local copy when config is a folder
+    (written by save_to_disk, splits named as the hub's)."""
     hint = "pass the unzipped folder holding wiki.train.raw and wiki.valid.raw with input="
+    path, name = (config, None) if os.path.isdir(config) else ("wikitext", config)
     texts = {}
     for ours, theirs in (("train", "train"), ("val", "validation")):
-        # rows are the file's lines with their newlines kept, so joining them gives the raw file
-        texts[ours] = "".join(load_hf("wikitext", config, split=theirs, offline_hint=hint)["text"])
-    return texts, f"wikitext/{config} (Hugging Face)"
+        rows = hf_dataset(path, name, split=theirs, hint=hint, columns=("text",))["text"]
+        # rows are the file's lines with their newlines, except its blank lines (" \n") which come
+        # back empty: restoring them gives the raw file, so both sources make the same bins
+        texts[ours] = "".join(r or " \n" for r in rows)
+    local = path == config
+    return texts, f"a local copy of WikiText in {config}" if local else f"wikitext/{config} (Hugging Face)"
 
 
 def main(cfg):

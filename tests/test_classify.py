@@ -11,8 +11,10 @@ import torch
 
 import checkpoint
 import classify
+import labelled_text
 from conftest import run_script
-from evaluate import evaluate_model
+from configurator import UserError
+from evaluation import evaluate_model
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
@@ -140,7 +142,7 @@ def test_head_reads_the_last_real_token():
 def test_head_only_epochs_leave_the_backbone_untouched(task):
     tok = get_tokenizer("char", task["tokenizer"]["chars"])
     ids = [tok.encode(t) for t, _ in task["rows"][:64]]
-    data = classify.TextSet(np.concatenate(ids).astype(np.int32), np.array([len(i) for i in ids], np.int32),
+    data = labelled_text.TextSet(np.concatenate(ids).astype(np.int32), np.array([len(i) for i in ids], np.int32),
                             np.array([int(y == "yes") for _, y in task["rows"][:64]]))
     cfg = dict(classify.DEFAULTS, epochs=2, batch_size=16, learning_rate=1e-3, device="cpu", dtype="float32")
     rt = classify.Runtime(cfg)
@@ -168,17 +170,17 @@ def test_tokenised_once_and_cached(task, tmp_path, monkeypatch):
     tok = get_tokenizer("char", task["tokenizer"]["chars"])
     cfg = dict(classify.DEFAULTS, cache_dir=str(tmp_path))
     spec = dict(train=task["csv"], test="")
-    train, test, names, path = classify.load_data("banana", spec, tok, task["tokenizer"], 32, cfg)
+    train, test, names, path = labelled_text.load_data("banana", spec, tok, task["tokenizer"], 32, cfg)
     assert os.path.basename(path).startswith("banana-char-") and path.endswith(".npz")
     assert names == ["no", "yes"] and len(train) + len(test) == 1000 and train.lengths.max() == 32
 
     def no_reading(path):
         raise AssertionError("the cache should have been used")
-    monkeypatch.setattr(classify, "read_rows", no_reading)
-    again = classify.load_data("banana", spec, tok, task["tokenizer"], 32, cfg)
+    monkeypatch.setattr(labelled_text, "read_rows", no_reading)
+    again = labelled_text.load_data("banana", spec, tok, task["tokenizer"], 32, cfg)
     assert again[3] == path and np.array_equal(again[0].ids, train.ids)
     with pytest.raises(AssertionError):  # another max_len is another cache entry
-        classify.load_data("banana", spec, tok, task["tokenizer"], 16, cfg)
+        labelled_text.load_data("banana", spec, tok, task["tokenizer"], 16, cfg)
 
 
 def error_of(task, *args):
@@ -193,13 +195,13 @@ def error_of(task, *args):
 def test_bad_csv_row_names_its_line(task):
     rows = task["rows"][:20] + [("an apple a day", "")] + task["rows"][20:40]
     path = write_csv(task["dir"] / "missing_label.csv", rows)
-    assert "missing_label.csv:22: missing label" in error_of(task, f"data={path}")
+    assert "missing_label.csv:22: empty label" in error_of(task, f"data={path}")
 
 
 def test_bad_jsonl_row_names_its_line(task):
     good = [dict(text=t, label=y) for t, y in task["rows"][:10]]
     path = write_jsonl(task["dir"] / "broken.jsonl", good[:4] + ['{"text": "a cat", "label": '] + good[4:])
-    assert "broken.jsonl:5: not valid JSON" in error_of(task, f"train_file={path}")
+    assert "broken.jsonl:5: not JSON" in error_of(task, f"train_file={path}")
 
 
 def test_unknown_test_label_names_its_line(task):
@@ -212,22 +214,23 @@ def test_unknown_test_label_names_its_line(task):
 
 @pytest.mark.parametrize("content, expected", [
     ("label,words\n1,hi\n", "the header needs columns text and label"),
-    ("text,label\n\"\",1\n", "x.csv:2: missing text"),
+    ("text,label\n\"\",1\n", "x.csv:2: empty text"),
+    ("text,label\nhi\n", "x.csv:2: missing label"),
     ('{"text": "hi", "label": 1.5}\n', "label must be an int or a string"),
     ('{"text": "hi", "label": 0}\n\n{"label": 1}\n', "x.jsonl:3: missing text"),
-    ('["hi", 1]\n', "x.jsonl:1: expected an object"),
+    ('["hi", 1]\n', "x.jsonl:1: not a JSON object"),
 ])
 def test_read_rows_rejects_bad_rows(tmp_path, content, expected):
     path = tmp_path / ("x.jsonl" if content.startswith(("{", "[")) else "x.csv")
     path.write_text(content)
-    with pytest.raises(classify.UserError, match=expected):
-        classify.read_rows(str(path))
+    with pytest.raises(UserError, match=expected):
+        labelled_text.read_rows(str(path))
 
 
 def test_int_labels_sort_numerically(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [dict(text="a", label=10), dict(text="b", label="2"),
                                               dict(text="c", label=1)])
-    assert classify.sorted_labels([y for _, _, y in classify.read_rows(path)]) == ["1", "2", "10"]
+    assert labelled_text.sorted_labels([y for _, _, y in labelled_text.read_rows(path)]) == ["1", "2", "10"]
 
 
 def test_hf_dataset_offline_names_the_local_alternative(task):
@@ -255,3 +258,58 @@ def test_compare_table(task, tmp_path):
         assert r["params"] == model.num_params() and r["tok_s"] > 0
         assert f"| {name} | " in p.stdout
     assert "small acc" in p.stdout and "WikiText PPL" in p.stdout
+
+
+def save_dataset(folder, splits, names=None):
+    """A DatasetDict of text/label splits written by save_to_disk; labels are ClassLabel ids when
+    names are given (as imdb and ag_news have them), else plain values."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+    features = Features(text=Value("string"), label=ClassLabel(names=names)) if names else None
+    columns = {s: dict(text=[t for t, _ in rows], label=[y for _, y in rows]) for s, rows in splits.items()}
+    DatasetDict({s: Dataset.from_dict(c, features=features) for s, c in columns.items()}).save_to_disk(str(folder))
+    return str(folder)
+
+
+def test_saved_dataset_read_tokenised_and_cached(task, tmp_path):
+    rows = task["rows"][:60]
+    # ClassLabel order, not sorted order, numbers the classes: "yes" is 0 here
+    ids = [(t, 0 if y == "yes" else 1) for t, y in rows]
+    folder = save_dataset(tmp_path / "banana_ds", dict(train=ids[:40], test=ids[40:]), names=["yes", "no"])
+    tok = get_tokenizer("char", task["tokenizer"]["chars"])
+    cfg = dict(classify.DEFAULTS, cache_dir=str(tmp_path / "cache"), data=folder)
+    ((name, spec),) = labelled_text.dataset_specs(cfg)
+    assert (name, spec) == ("banana_ds", dict(hf=folder))
+    train, test, names, path = labelled_text.load_data(name, spec, tok, task["tokenizer"], 96, cfg)
+    assert names == ["yes", "no"] and (len(train), len(test)) == (40, 20)
+    for data, part in ((train, ids[:40]), (test, ids[40:])):
+        texts = [tok.decode(data.ids[data.offsets[i]:data.offsets[i + 1]].tolist()) for i in range(len(data))]
+        assert texts == [t for t, _ in part] and data.labels.tolist() == [y for _, y in part]
+    # another dataset in the same folder is another cache entry
+    save_dataset(folder, dict(train=ids[:30], test=ids[30:]), names=["yes", "no"])
+    again = labelled_text.load_data(name, spec, tok, task["tokenizer"], 96, cfg)
+    assert again[3] != path and len(again[0]) == 30
+
+
+def test_saved_dataset_plain_labels_and_bad_rows(tmp_path):
+    rows = [("a good film", "pos"), ("a bad film", "neg"), ("fine", "pos")]
+    folder = save_dataset(tmp_path / "plain", dict(train=rows, test=rows[:1]))
+    train, test, names = labelled_text.hf_rows(folder)
+    assert names is None and train == [(1, "a good film", "pos"), (2, "a bad film", "neg"), (3, "fine", "pos")]
+    save_dataset(tmp_path / "unlabelled", dict(train=[("x", 0), ("y", 1)], test=[("z", -1)]), names=["a", "b"])
+    with pytest.raises(UserError, match="unlabelled test row 1: label -1 is none of the dataset's 2 classes"):
+        labelled_text.hf_rows(str(tmp_path / "unlabelled"))
+    save_dataset(tmp_path / "blank", dict(train=[("x", "a"), ("  ", "b")], test=[("z", "a")]))
+    with pytest.raises(UserError, match="blank train row 2: empty text"):
+        labelled_text.hf_rows(str(tmp_path / "blank"))
+
+
+def test_cli_on_a_saved_dataset(task, tmp_path):
+    ids = [(t, int(y == "yes")) for t, y in task["rows"][:80]]
+    folder = save_dataset(tmp_path / "ds", dict(train=ids[:60], test=ids[60:]), names=["no", "yes"])
+    run_script("classify.py", f"model={task['ckpt']}", f"data={folder}", f"cache_dir={tmp_path / 'cache'}",
+               f"results_dir={tmp_path / 'results'}", "epochs=1", "batch_size=16", "baseline=False")
+    (run,) = os.listdir(tmp_path / "results" / "tiny")
+    with open(tmp_path / "results" / "tiny" / run / "metrics.json") as f:
+        m = json.load(f)
+    assert (m["data"], m["n_train"], m["n_test"], m["labels"]) == ("ds", 60, 20, ["no", "yes"])
+    assert np.sum(m["finetuned"]["confusion"]) == 20 and "baseline" not in m

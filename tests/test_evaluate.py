@@ -1,8 +1,6 @@
 """evaluate.py: every token scored once, equal to a per-position brute force, and the CLI on our
 checkpoints, HF folders and text files."""
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ import torch.nn.functional as F
 from checkpoint import load_model
 from conftest import make_char_dataset, run_script
 from data import BinDataset
-from evaluate import evaluate_model, wikitext_text
+from evaluation import evaluate_model, wikitext_text
 from model import GPT, GPTConfig
 
 V = 40
@@ -164,15 +162,30 @@ def test_char_checkpoint_on_other_characters_refused(tmp_path, char_data):
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "different characters" in p.stderr
 
 
-def test_wikitext_offline_points_to_text(monkeypatch):
+def test_wikitext_offline_points_to_text():
     p = run_script("evaluate.py", "models=gpt2", "wikitext=wikitext-2-raw-v1", check=False,
                    env=dict(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"))
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "text=" in p.stderr
-    # online, the rows are the raw file's lines with blank lines emptied: joined back to the file
-    rows = ["", " = Title = \n", "", " Body text . \n", ""]
-    fake = types.SimpleNamespace(load_dataset=lambda *a, split: {"text": rows})
-    monkeypatch.setitem(sys.modules, "datasets", fake)
-    assert wikitext_text("wikitext-2-raw-v1") == " \n = Title = \n \n Body text . \n \n"
+
+
+def test_wikitext_from_a_local_copy_scores_the_raw_file(tmp_path):
+    """A saved copy of the dataset (rows: the raw file's lines, blank lines emptied, as the hub
+    gives them) is scored token for token as the raw test file itself."""
+    from datasets import Dataset, DatasetDict
+    raw = " \n = Title = \n \n Body text . \n \n = = Part = = \n \n More text , here . \n \n"
+    rows = [line if line.strip() else "" for line in raw.splitlines(keepends=True)]
+    DatasetDict(test=Dataset.from_dict({"text": rows})).save_to_disk(str(tmp_path / "wt"))
+    assert wikitext_text(str(tmp_path / "wt")) == raw
+    chars = "".join(sorted(set(raw)))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=len(chars)))
+    from checkpoint import save
+    save(dict(model=model.state_dict(), model_args=model.config.to_dict(), config={}, step=0,
+              tokenizer=dict(tokenizer="char", vocab_size=len(chars), chars=chars)), str(tmp_path / "ck"), 0, 1)
+    run_script("evaluate.py", f"models={tmp_path / 'ck'}", f"wikitext={tmp_path / 'wt'}", f"out={tmp_path / 'e.json'}")
+    r = json.loads((tmp_path / "e.json").read_text())["results"]["ck"]
+    direct = evaluate_model(model.eval(), np.array([chars.index(c) for c in raw]), 16, 16, 8, "cpu")
+    assert r["tokens"] == len(raw) - 1 and abs(r["loss"] - direct["loss"]) < 1e-5
 
 
 @pytest.mark.parametrize("args, message", [

@@ -107,9 +107,9 @@ def test_jsonl_mask_and_bad_lines_reported(tmp_path):
     lines.insert(9, "")  # blank lines are not records
     (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
     p = run_script("prepare/jsonl.py", f"input={tmp_path / 'r.jsonl'}", f"out={tmp_path / 'o'}", "num_proc=1")
-    warning = [l for l in p.stderr.splitlines() if "records bad" in l]
-    assert len(warning) == 1 and "3 of 12" in warning[0]
-    assert "line 3 (not JSON)" in warning[0] and "line 6 (no 'response')" in warning[0] and "line 8 (empty response)" in warning[0]
+    warning = [l for l in p.stderr.splitlines() if l.startswith("warning: ")]
+    assert len(warning) == 1 and "skipped 3 of 12 lines" in warning[0]
+    assert "line 3 (not JSON: " in warning[0] and "line 6 (missing response)" in warning[0] and "line 8 (empty response)" in warning[0]
     meta = json.loads((tmp_path / "o" / "meta.json").read_text())
     assert meta["has_mask"] and meta["train_tokens"] == len(_bins(tmp_path / "o", "train"))
     tok = tokenizer_from_meta(meta)
@@ -130,8 +130,8 @@ def test_jsonl_all_bad_is_an_error(tmp_path):
     (tmp_path / "r.jsonl").write_text('{"prompt": "a"}\n[1, 2]\n')
     p = run_script("prepare/jsonl.py", f"input={tmp_path / 'r.jsonl'}", f"out={tmp_path / 'o'}", check=False)
     err = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(err) == 1 and err[0].startswith("error: no usable records")
-    assert "line 1 (no 'response')" in err[0] and "line 2 (not a JSON object)" in err[0]
+    assert p.returncode == 2 and len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'r.jsonl'}:1: missing response")
+    assert "no line is usable" in err[0] and "line 2 (not a JSON object (a list))" in err[0]
 
 
 BABYLM = ["bnc_spoken", "childes", "gutenberg", "open_subtitles", "simple_wiki", "switchboard"]
@@ -178,7 +178,7 @@ def test_openwebtext_local_txt_and_jsonl(tmp_path):
                                             + '\n{"url": "x"}\n')
     p = run_script("prepare/openwebtext.py", f"input={tmp_path / 'owt'}", "val_fraction=0.2",
                    f"out={tmp_path / 'o'}", "num_proc=1")
-    assert "skipped 1 lines" in p.stderr and "lines 10" in p.stderr
+    assert "skipped 1 of 10 lines: line 10 (missing text)" in p.stderr
     meta = json.loads((tmp_path / "o" / "meta.json").read_text())
     tok = tokenizer_from_meta(meta)
     assert tok.decode(_bins(tmp_path / "o", "val")) == "Page 1.<|endoftext|>Page 6."  # docs 2 and 7 of 10
@@ -190,4 +190,79 @@ def test_hub_sources_offline_name_the_local_alternative(tmp_path, script):
     p = run_script(f"prepare/{script}.py", f"out={tmp_path / 'o'}", check=False, env=env)
     err = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(err) == 1 and err[0].startswith("error: ") and "input=" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+# The hub scripts with a dataset built here by the `datasets` library and saved to disk: all of
+# their path but the download.
+
+
+def test_openwebtext_from_a_saved_dataset_seeded_split(tmp_path):
+    from datasets import Dataset, DatasetDict
+    docs = [f"Web page {i}: " + "some words. " * (i % 5 + 1) for i in range(40)]
+    DatasetDict(train=Dataset.from_dict(dict(text=docs, url=[f"u{i}" for i in range(40)]))).save_to_disk(
+        str(tmp_path / "owt"))
+    run_script("prepare/openwebtext.py", f"hf_dataset={tmp_path / 'owt'}", "val_fraction=0.1", "seed=7",
+               f"out={tmp_path / 'o'}", "num_proc=1")
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    tok = tokenizer_from_meta(meta)
+    split = {s: tok.decode(_bins(tmp_path / "o", s)).split("<|endoftext|>") for s in ("train", "val")}
+    # nanoGPT's split: the library's seeded shuffle, ceil(0.1 * 40) = 4 documents held out
+    expected = Dataset.from_dict(dict(text=docs)).train_test_split(test_size=0.1, seed=7, shuffle=True)
+    assert split["val"] == expected["test"]["text"] and split["train"] == expected["train"]["text"]
+    assert len(split["val"]) == 4 and sorted(split["train"] + split["val"]) == sorted(docs)
+    for s, texts in split.items():  # documents plus one separator between each two
+        assert meta[f"{s}_tokens"] == sum(len(tok.encode(t)) for t in texts) + len(texts) - 1
+    assert "random 10.00% of documents to val (seed 7)" == meta["split"] and "40 documents" in meta["source"]
+
+
+def test_babylm_from_a_saved_dataset_95_5_by_lines(tmp_path):
+    from datasets import Dataset
+    lines = [f"Child says thing {i}." + ("\n" if i % 3 else "") for i in range(200)]  # newline or not
+    Dataset.from_dict(dict(text=lines)).save_to_disk(str(tmp_path / "babylm"))  # one unnamed split
+    run_script("prepare/babylm.py", f"hf_dataset={tmp_path / 'babylm'}", f"out={tmp_path / 'o'}",
+               "tokenizer=char", "num_proc=1")
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    tok = tokenizer_from_meta(meta)
+    whole = [line.rstrip("\n") + "\n" for line in lines]
+    assert tok.decode(_bins(tmp_path / "o", "train")) == "".join(whole[:190])  # the first 95% of lines
+    assert tok.decode(_bins(tmp_path / "o", "val")) == "".join(whole[190:])
+    assert meta["train_tokens"] == len("".join(whole[:190])) and meta["val_tokens"] == len("".join(whole[190:]))
+    assert meta["files"] == meta["val_sources"] == [str(tmp_path / "babylm")] and "first 95%" in meta["split"]
+
+
+def test_wikitext_from_a_saved_dataset_equals_the_raw_files(tmp_path):
+    """The hub gives the raw files' lines, blank lines emptied; a saved copy of that makes the very
+    bins the raw files make."""
+    from datasets import Dataset, DatasetDict
+    raw = {"train": "".join(WIKI.format(t) for t in ("Apple", "Pear", "Plum")), "valid": WIKI.format("Fig"),
+           "test": WIKI.format("Secret")}
+    (tmp_path / "raw").mkdir()
+    for split, text in raw.items():
+        (tmp_path / "raw" / f"wiki.{split}.raw").write_text(text)
+    rows = {("validation" if s == "valid" else s): [r if r.strip() else "" for r in t.splitlines(keepends=True)]
+            for s, t in raw.items()}
+    DatasetDict({s: Dataset.from_dict(dict(text=r)) for s, r in rows.items()}).save_to_disk(str(tmp_path / "wt"))
+    run_script("prepare/wikitext.py", f"input={tmp_path / 'raw'}", f"out={tmp_path / 'a'}", "num_proc=1")
+    run_script("prepare/wikitext.py", f"config={tmp_path / 'wt'}", f"out={tmp_path / 'b'}", "num_proc=1")
+    for f in ("train.bin", "val.bin"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert (meta["train_articles"], meta["val_articles"]) == (3, 1) and "local copy" in meta["source"]
+    tok = tokenizer_from_meta(meta)
+    assert tok.decode(_bins(tmp_path / "b", "val")) == WIKI.format("Fig")[2:]
+    assert meta["train_tokens"] == len(_bins(tmp_path / "b", "train"))
+
+
+def test_saved_dataset_without_the_needed_split_or_column(tmp_path):
+    from datasets import Dataset, DatasetDict
+    DatasetDict(validation=Dataset.from_dict(dict(body=["x"]))).save_to_disk(str(tmp_path / "d"))
+    for script, args, message in (("openwebtext", [f"hf_dataset={tmp_path / 'd'}"], "needs a 'train' split"),
+                                  ("wikitext", [f"config={tmp_path / 'd'}"], "needs a 'train' split")):
+        p = run_script(f"prepare/{script}.py", *args, f"out={tmp_path / 'o'}", check=False)
+        err = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(err) == 1 and message in err[0], p.stderr
+    DatasetDict(train=Dataset.from_dict(dict(body=["x"]))).save_to_disk(str(tmp_path / "e"))
+    p = run_script("prepare/babylm.py", f"hf_dataset={tmp_path / 'e'}", f"out={tmp_path / 'o'}", check=False)
+    assert p.returncode == 2 and "the train split has no 'text' column (it has body)" in p.stderr
     assert not (tmp_path / "o").exists()

@@ -123,7 +123,8 @@ def test_jsonl_keeps_fields_and_reports_broken_lines(char_ckpt, tmp_path):
     src.write_text("\n".join(lines) + "\n")
     p = run_script("sample.py", f"source={char_ckpt}", f"prompts={src}", f"out={tmp_path / 'o.jsonl'}",
                    "num_samples=3", "max_new_tokens=8")
-    assert "3 line(s)" in p.stderr and "line 2, 5, 6" in p.stderr
+    assert "skipped 3 of 5 lines: line 2 (not JSON: " in p.stderr
+    assert "line 5 (missing prompt), line 6 (not a JSON object (a list))" in p.stderr
     recs = read_jsonl(tmp_path / "o.jsonl")
     assert len(recs) == 6
     first = [r for r in recs if r["index"] == 0]
@@ -135,7 +136,8 @@ def test_jsonl_keeps_fields_and_reports_broken_lines(char_ckpt, tmp_path):
     (tmp_path / "bad.jsonl").write_text("{oops\n[]\n")
     p = run_script("sample.py", f"source={char_ckpt}", f"prompts={tmp_path / 'bad.jsonl'}",
                    f"out={tmp_path / 'x.jsonl'}", check=False)
-    assert p.returncode == 2 and "line 1, 2" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert p.returncode == 2 and "bad.jsonl:1: not JSON" in p.stderr and "line 2 (not a JSON object" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
 
 
 def test_killed_run_resumes_into_the_same_file(char_ckpt, tmp_path):
