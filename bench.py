@@ -27,19 +27,39 @@ import time
 
 import torch
 
-from configurator import UserError, run
+from configurator import OUT_FILE, UserError, run
 from losses import default_chunk_rows, hard_loss
 from model import GPT, GPTConfig
-from trainer import Runtime, make_optimizer, measure_peak_flops
+from trainer import DTYPES, Runtime, make_optimizer, measure_peak_flops
 
 DEFAULTS = dict(
-    n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8, vocab_size=50257,
+    n_layer=6, n_head=6, n_embd=384,  # the student: blocks, attention heads, width
+    block_size=256,  # tokens per row
+    batch_size=8,  # rows per step
+    vocab_size=50257,  # the tokenizer's vocabulary (ours pads it to a multiple of 64)
     teacher_n_layer=12, teacher_n_head=6, teacher_n_embd=384,  # the distill step's teacher
     kd_chunk_rows=0,  # soft loss chunk for the distill step and the "chunked" variant; 0: as distill.py
-    device="auto", dtype="auto", compile=False, threads=0,  # threads 0: torch's default
-    warmup=1, repeats=3, max_time=60.0,
-    gen_tokens=(128, 512), gen_batch=1, prompt_len=16,
-    parts="train,distill,generate,memory", hf=True, out="", seed=0,
+    device="auto",  # auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps
+    dtype="auto",  # auto: bfloat16 on CUDA, float32 on CPU (float16 would need a grad scaler)
+    compile=False,  # torch.compile both implementations
+    threads=0,  # CPU threads; 0: torch's default
+    warmup=1,  # untimed calls before the timed ones
+    repeats=3,  # timed calls, at most
+    max_time=60.0,  # seconds of timed calls after which a loop stops early
+    gen_tokens=(128, 512),  # generation lengths timed
+    gen_batch=1,  # rows generated together
+    prompt_len=16,  # prompt tokens before generation
+    parts="train,distill,generate,memory",  # comma-separated parts to run
+    hf=True,  # time transformers' GPT2LMHeadModel beside ours
+    out="",  # the JSON results; empty: out/bench/<timestamp>.json
+    seed=0,  # seed of the weights and the batches
+)
+LIMITS = dict(
+    n_layer="[1, inf)", n_head="[1, inf)", n_embd="[1, inf)", block_size="[1, inf)", batch_size="[1, inf)",
+    vocab_size="[1, inf)", teacher_n_layer="[1, inf)", teacher_n_head="[1, inf)", teacher_n_embd="[1, inf)",
+    kd_chunk_rows="[0, inf)", dtype=DTYPES, threads="[0, inf)", warmup="[0, inf)", repeats="[1, inf)",
+    max_time="(0, inf)", gen_tokens="[1, inf)", gen_batch="[1, inf)", prompt_len="[1, inf)", out=OUT_FILE,
+    seed="[0, inf)",
 )
 PARTS = ("train", "distill", "generate", "memory")
 OPTIM = dict(learning_rate=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, layer_lr_decay=1.0)
@@ -81,7 +101,7 @@ def flops_per_token(model, T):
 def ce(cfg, hf=False):
     if not hf:
         import train
-        return train.ce_loss(dict(label_smoothing=0.0), cfg["vocab_size"])
+        return train.ce_loss(dict(label_smoothing=0.0, chunk_rows=0), cfg["vocab_size"])
 
     def loss_fn(model, x, y):
         # transformers' own loss: F.cross_entropy over float32 logits. The KV cache it builds by
@@ -92,7 +112,7 @@ def ce(cfg, hf=False):
 
 def kd(cfg, teacher):
     import distill
-    kd_cfg = dict(distill.DEFAULTS, kd_chunk_rows=cfg["kd_chunk_rows"], compile=cfg["compile"])
+    kd_cfg = dict(distill.DEFAULTS, chunk_rows=cfg["kd_chunk_rows"], compile=cfg["compile"])
     return distill.kd_loss_fn(kd_cfg, teacher, cfg["vocab_size"])
 
 
@@ -386,10 +406,6 @@ def main(cfg):
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
         raise UserError(f"parts={cfg['parts']!r}: choose from {','.join(PARTS)}")
-    gen = cfg["gen_tokens"]
-    cfg["gen_tokens"] = [int(n) for n in (gen if isinstance(gen, (tuple, list)) else [gen])]
-    if cfg["warmup"] < 0 or min(cfg["repeats"], cfg["gen_batch"], cfg["prompt_len"], *cfg["gen_tokens"]) < 1:
-        raise UserError("warmup must be >= 0; repeats, gen_batch, prompt_len and gen_tokens >= 1")
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     rt = Runtime(cfg)
@@ -443,4 +459,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run(main, DEFAULTS)
+    run(main, DEFAULTS, LIMITS)

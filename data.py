@@ -9,23 +9,21 @@ import os
 import numpy as np
 import torch
 
-from configurator import UserError
+from configurator import UserError, first_line
 
 SPLITS = ("train", "val")
 
 
 class BinDataset:
     def __init__(self, data_dir):
+        if os.path.isfile(data_dir):
+            raise UserError(f"{data_dir} is a file; a dataset is the folder a prepare/ script writes "
+                            f"(train.bin, val.bin, meta.json)")
         if not os.path.isdir(data_dir):
             raise UserError(f"data folder not found: {data_dir} (prepare it first, e.g. "
                             f"python prepare/shakespeare.py)")
-        meta_path = os.path.join(data_dir, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise UserError(f"{data_dir} has no meta.json: it was not prepared, or its prepare "
-                            f"was interrupted; rerun the prepare script")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
         self.dir = data_dir
+        self.meta = self._read_meta(os.path.join(data_dir, "meta.json"))
         self.dtype = np.dtype(self.meta.get("dtype", "uint16"))
         self.tokens, self.masks = {}, {}
         for split in SPLITS:
@@ -35,6 +33,21 @@ class BinDataset:
                 if len(self.masks[split]) != len(self.tokens[split]):
                     raise UserError(f"{data_dir}/{split}.mask.bin has {len(self.masks[split])} "
                                     f"entries for {len(self.tokens[split])} tokens; re-prepare")
+
+    def _read_meta(self, path):
+        if not os.path.isfile(path):
+            raise UserError(f"{self.dir} has no meta.json: it was not prepared, or its prepare "
+                            f"was interrupted; rerun the prepare script")
+        try:
+            with open(path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except ValueError as e:  # also what a file that is not UTF-8 raises
+            raise UserError(f"{path} is not valid JSON ({first_line(e)}); rerun the prepare script") from None
+        if not (isinstance(meta, dict) and isinstance(meta.get("vocab_size"), int)
+                and meta.get("dtype", "uint16") in ("uint16", "uint32")):
+            raise UserError(f"{path} lacks what a prepare script writes (an int vocab_size, dtype "
+                            f"uint16 or uint32); rerun the prepare script")
+        return meta
 
     def _memmap(self, name, dtype):
         path = os.path.join(self.dir, name)

@@ -7,11 +7,12 @@
 from configurator import run
 from data import BinDataset
 from losses import default_chunk_rows, hard_loss
-from trainer import DEFAULTS, Runtime, init_model, train
+from trainer import DEFAULTS, LIMITS, Runtime, init_model, train
 
 
 def ce_loss(cfg, vocab_size):
-    chunk = default_chunk_rows(vocab_size)  # chunked CE: less time and memory at V=50257 (losses.py)
+    # chunked CE: less time and memory at V=50257 (losses.py)
+    chunk = cfg["chunk_rows"] or default_chunk_rows(vocab_size)
 
     def loss_fn(model, x, y):
         return hard_loss(model(x)[0], y, vocab_size, cfg["label_smoothing"], chunk_size=chunk), {}
@@ -30,4 +31,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run(main, DEFAULTS)
+    run(main, DEFAULTS, LIMITS)

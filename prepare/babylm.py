@@ -14,10 +14,18 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
+from prepare.common import LIMITS as COMMON_LIMITS  # noqa: E402
 from prepare.common import load_hf, resolve_num_proc, tokenizer_for, write_dataset  # noqa: E402
 
-DEFAULTS = dict(input="", out="data/babylm", tokenizer="gpt2", val_fraction=0.05,
-                hf_dataset="AlienKevin/BabyLM_2024_10M", num_proc=0)
+DEFAULTS = dict(
+    input="",  # the folder of the six .train files (e.g. train_10M/); empty: hf_dataset from the hub
+    out="data/babylm",  # the dataset folder written
+    tokenizer="gpt2",  # gpt2 (BPE, offline) or char (a vocabulary of the corpus' characters)
+    val_fraction=0.05,  # share of the merged lines, taken from the end, that validate
+    hf_dataset="AlienKevin/BabyLM_2024_10M",  # the hub dataset read when input is empty
+    num_proc=0,  # tokenising processes; 0: up to 4
+)
+LIMITS = dict(COMMON_LIMITS, val_fraction="(0, 1)")
 
 
 def local_sources(folder):
@@ -71,4 +79,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run(main, DEFAULTS)
+    run(main, DEFAULTS, LIMITS)

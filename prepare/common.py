@@ -14,9 +14,11 @@ from multiprocessing import Pool
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configurator import UserError  # noqa: E402
+from configurator import OUT_DIR, UserError  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
+# the limits of the keys every prepare script has (configurator.describe)
+LIMITS = dict(out=OUT_DIR, num_proc="[0, inf)")
 _worker_tok = None
 # Pool.imap reads its whole input ahead of the workers; feeding it bounded batches keeps a corpus
 # larger than memory (OpenWebText is ~40 GB of text) streaming instead of piling up in a queue.

@@ -14,11 +14,20 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
+from prepare.common import LIMITS as COMMON_LIMITS  # noqa: E402
 from prepare.common import (Column, every_nth, load_hf, resolve_num_proc, tokenizer_for,  # noqa: E402
                             write_dataset)
 
-DEFAULTS = dict(input="", out="data/openwebtext", tokenizer="gpt2", val_fraction=0.0005, seed=2357,
-                hf_dataset="Skylion007/openwebtext", num_proc=0)
+DEFAULTS = dict(
+    input="",  # local .txt/.jsonl files or folders, comma-separated; empty: hf_dataset from the hub
+    out="data/openwebtext",  # the dataset folder written
+    tokenizer="gpt2",  # gpt2 (BPE, offline) or char (a vocabulary of the corpus' characters)
+    val_fraction=0.0005,  # share of the documents that validate
+    seed=2357,  # seed of the hub dataset's random split (nanoGPT's)
+    hf_dataset="Skylion007/openwebtext",  # the hub dataset read when input is empty
+    num_proc=0,  # tokenising processes; 0: up to 4
+)
+LIMITS = dict(COMMON_LIMITS, val_fraction="(0, 1)")
 
 
 def local_files(spec):
@@ -93,4 +102,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run(main, DEFAULTS)
+    run(main, DEFAULTS, LIMITS)

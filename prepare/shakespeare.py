@@ -13,9 +13,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
+from prepare.common import LIMITS as COMMON_LIMITS  # noqa: E402
 from prepare.common import resolve_num_proc, tokenizer_for, write_dataset  # noqa: E402
 
-DEFAULTS = dict(tokenizer="char", out="", val_plays="", num_proc=0)
+DEFAULTS = dict(
+    tokenizer="char",  # gpt2 (BPE, offline) or char (a vocabulary of the corpus' characters)
+    out="",  # the dataset folder written; empty: data/shakespeare_char or data/shakespeare
+    val_plays="",  # comma-separated plays that validate, e.g. hamlet; empty: 4 of the 38
+    num_proc=0,  # tokenising processes; 0: up to 4
+)
+LIMITS = COMMON_LIMITS
 VAL_EVERY = 10  # every 10th play (in name order, from the 6th) is held out: 4 of 38
 
 
@@ -61,4 +68,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run(main, DEFAULTS)
+    run(main, DEFAULTS, LIMITS)

@@ -11,9 +11,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
+from prepare.common import LIMITS as COMMON_LIMITS  # noqa: E402
 from prepare.common import every_nth, resolve_num_proc, tokenizer_for, write_dataset  # noqa: E402
 
-DEFAULTS = dict(input="", out="data/text", tokenizer="gpt2", val_fraction=0.1, num_proc=0)
+DEFAULTS = dict(
+    input="",  # .txt files, folders (searched recursively) or globs, comma-separated
+    out="data/text",  # the dataset folder written
+    tokenizer="gpt2",  # gpt2 (BPE, offline) or char (a vocabulary of the corpus' characters)
+    val_fraction=0.1,  # share of the documents that validate (of the text, for a lone document)
+    num_proc=0,  # tokenising processes; 0: up to 4
+)
+LIMITS = dict(COMMON_LIMITS, val_fraction="(0, 1)")
 
 
 def find_files(spec):
@@ -61,4 +69,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run(main, DEFAULTS)
+    run(main, DEFAULTS, LIMITS)

@@ -15,7 +15,7 @@ def test_overrides_types_and_equals_signs():
     assert isinstance(cfg["lr"], float)
 
 
-@pytest.mark.parametrize("arg,message", [("stepz=3", "did you mean steps"), ("steps=1.5", "expected a int"),
+@pytest.mark.parametrize("arg,message", [("stepz=3", "did you mean steps"), ("steps=1.5", "expected an int"),
                                          ("flag=1", "expected a bool"), ("nope.py", "config file not found")])
 def test_rejected(arg, message):
     with pytest.raises(UserError, match=message):
