@@ -48,6 +48,11 @@ def _show(value, width=60):
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+def _path(path):
+    """A path as typed, quoted only when it holds characters that would break the line."""
+    return path if path.isprintable() else repr(path)
+
+
 def first_line(text):
     return (str(text).strip().splitlines() or [""])[0][:200]
 
@@ -101,47 +106,49 @@ def _unknown(key, defaults, origin):
 
 
 def _config_source(path):
+    shown = _path(path)
     if os.path.isdir(path):
-        raise UserError(f"config file {path} is a folder; give a .py file of `name = value` lines")
+        raise UserError(f"config file {shown} is a folder; give a .py file of `name = value` lines")
     if not os.path.isfile(path):
-        hint = f"; did you mean {path}.py?" if os.path.isfile(path + ".py") else ""
-        raise UserError(f"config file not found: {path}{hint} (overrides are written key=value)")
+        hint = f"; did you mean {shown}.py?" if os.path.isfile(path + ".py") else ""
+        raise UserError(f"config file not found: {shown}{hint} (overrides are written key=value)")
     try:
         with open(path, "rb") as f:
             return f.read().decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text: a config file is Python `name = value` lines") from None
+        raise UserError(f"{shown} is not UTF-8 text: a config file is Python `name = value` lines") from None
     except OSError as e:
-        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+        raise UserError(f"cannot read config file {shown}: {e.strerror}") from None
 
 
 def _read_config_file(path, defaults):
-    source = _config_source(path)
+    source, shown = _config_source(path), _path(path)
     try:
         tree = ast.parse(source, filename=path)
     except SyntaxError as e:
-        raise UserError(f"{path}:{e.lineno}: syntax error in config file: {first_line(e.msg)}") from None
+        where = f"{shown}:{e.lineno}" if e.lineno else shown
+        raise UserError(f"{where}: syntax error in config file: {first_line(e.msg)}") from None
     except (ValueError, MemoryError, RecursionError) as e:  # null bytes, absurd nesting
-        raise UserError(f"{path}: not a Python config file ({type(e).__name__})") from None
+        raise UserError(f"{shown}: not a Python config file ({type(e).__name__})") from None
     values = {}
     for node in tree.body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             continue  # docstring
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1
                 and isinstance(node.targets[0], ast.Name)):
-            raise UserError(f"{path}:{node.lineno}: config files hold only `name = value` lines")
+            raise UserError(f"{shown}:{node.lineno}: config files hold only `name = value` lines")
         key = node.targets[0].id
         try:
             # constants may refer to earlier keys of the same file (e.g. tokens = batch * block)
             value = eval(compile(ast.Expression(node.value), path, "eval"), {"__builtins__": {}},
                          dict(values))
         except Exception as e:
-            raise UserError(f"{path}:{node.lineno}: cannot evaluate {key}: {first_line(e)}") from None
+            raise UserError(f"{shown}:{node.lineno}: cannot evaluate {key}: {first_line(e)}") from None
         values[key] = value
     for key, value in values.items():
         if key not in defaults:
-            raise _unknown(key, defaults, path)
-        values[key] = _check_type(key, value, defaults[key], path)
+            raise _unknown(key, defaults, shown)
+        values[key] = _check_type(key, value, defaults[key], shown)
     return values
 
 
@@ -225,8 +232,8 @@ def _path_problem(path, rule):
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        return f"cannot be created: {parent} is a file, not a folder"
-    return None if os.access(parent, os.W_OK) else f"cannot be created: {parent} is not writable"
+        return f"cannot be created: {_path(parent)} is a file, not a folder"
+    return None if os.access(parent, os.W_OK) else f"cannot be created: {_path(parent)} is not writable"
 
 
 def _problem(value, rule, default):
