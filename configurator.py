@@ -257,6 +257,23 @@ def check_limits(config, defaults, limits):
             raise UserError(f"{key}={_show(config[key])}: {problem}")
 
 
+def read_text(path, label):
+    """The text of the file at `path`, given as `label` + path (e.g. text=, start=FILE:), or one
+    line on why it cannot be read."""
+    where = label + _path(path)
+    if os.path.isdir(path):
+        raise UserError(f"{where}: that is a folder; name a text file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UserError(f"{where}: file not found") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{where}: not UTF-8 text (a binary file?)") from None
+    except OSError as e:
+        raise UserError(f"{where}: cannot be read ({e.strerror})") from None
+
+
 # ---------------------------------------------------------------- help
 
 

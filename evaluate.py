@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from checkpoint import load_model
-from configurator import OUT_FILE, UserError, run
+from configurator import OUT_FILE, UserError, read_text, run
 from data import SPLITS, BinDataset
 from trainer import DTYPES, Runtime, tokens_loss
 
@@ -106,10 +106,7 @@ def load_eval_text(cfg):
     if cfg["dataset"]:
         return BinDataset(cfg["dataset"]), None
     if cfg["text"]:
-        if not os.path.isfile(cfg["text"]):
-            raise UserError(f"text file not found: {cfg['text']}")
-        with open(cfg["text"], encoding="utf-8") as f:
-            return None, f.read()
+        return None, read_text(cfg["text"], "text=")
     return None, wikitext_text(cfg["wikitext"])
 
 

@@ -19,7 +19,7 @@ import time
 import torch
 
 import checkpoint
-from configurator import OUT_FILE, UserError, run
+from configurator import OUT_FILE, UserError, read_text, run
 from tokenizer import tokenizer_from_meta
 from trainer import DTYPES, Runtime
 
@@ -50,10 +50,7 @@ DASHES = "-" * 40
 
 def read_prompts(path):
     """[(prompt, extra fields)] from a .txt (one per non-blank line) or a .jsonl file."""
-    if not os.path.isfile(path):
-        raise UserError(f"prompts file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = read_text(path, "prompts=").splitlines()
     if not path.endswith(".jsonl"):
         prompts = [(line, {}) for line in lines if line.strip()]
         if not prompts:
@@ -184,14 +181,7 @@ def write_responses(model, tok, prompts, done, cfg, rt):
     print(f"wrote {written} records to {out} in {time.time() - t0:.1f}s", file=sys.stderr)
 
 
-def print_samples(model, tok, cfg, rt):
-    start = cfg["start"]
-    if start.startswith("FILE:"):
-        path = start[len("FILE:"):]
-        if not os.path.isfile(path):
-            raise UserError(f"start=FILE:{path}: file not found")
-        with open(path, encoding="utf-8") as f:
-            start = f.read()
+def print_samples(model, tok, start, cfg, rt):
     ids = [encode(tok, start, "start")]
     for rows in plan_batches([len(ids[0])], cfg["num_samples"], cfg["batch_size"]):
         for text in complete(model, tok, ids, rows, cfg, rt):
@@ -202,9 +192,13 @@ def print_samples(model, tok, cfg, rt):
 def main(cfg):
     if bool(cfg["prompts"]) != bool(cfg["out"]):
         raise UserError("prompts=FILE and out=FILE.jsonl go together (for one prompt use start=)")
-    if cfg["prompts"]:  # before loading the model: a mistake in the files should not wait for it
+    # files are read before the model is loaded: a mistake in them should not wait for it
+    if cfg["prompts"]:
         prompts = read_prompts(cfg["prompts"])
         done = read_done(cfg["out"], prompts)
+    start = cfg["start"]
+    if start.startswith("FILE:"):
+        start = read_text(start[len("FILE:"):], "start=FILE:")
     rt = Runtime(cfg)
     model, tok_info, _ = checkpoint.load_model(cfg["source"], rt.device)
     model.eval()
@@ -218,7 +212,7 @@ def main(cfg):
     if cfg["prompts"]:
         write_responses(model, tok, prompts, done, cfg, rt)
     else:
-        print_samples(model, tok, cfg, rt)
+        print_samples(model, tok, start, cfg, rt)
 
 
 if __name__ == "__main__":
