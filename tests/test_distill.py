@@ -61,7 +61,7 @@ def test_teacher_gets_no_gradient_and_alpha1_is_ce(char_data, teacher):
 def test_resume_is_bit_exact(char_data, teacher, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     common = [*STUDENT, f"dataset={char_data}", f"teacher={teacher}", "eval_interval=5",
-              "lr_decay_iters=20", "kd_loss=jsd", "kd_chunk_rows=100"]
+              "lr_decay_iters=20", "kd_loss=jsd", "chunk_rows=100"]
     run_script("distill.py", *common, f"out_dir={a}", "max_iters=20")
     run_script("distill.py", *common, f"out_dir={b}", "max_iters=10")
     run_script("distill.py", *common, f"out_dir={b}", "max_iters=20", "init_from=resume")
