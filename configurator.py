@@ -44,7 +44,8 @@ def _show(value, width=60):
     try:
         text = repr(value)
     except ValueError:
-        text = f"<int of about {int(value.bit_length() * 0.30103)} digits>"
+        text = "<an int" if isinstance(value, int) else f"<a {type(value).__name__} holding an int"
+        text += " too long to print>"
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
@@ -223,6 +224,8 @@ def _in_interval(x, rule):
 
 
 def _path_problem(path, rule):
+    if "\0" in path:
+        return "cannot be created: a path holds no null character"
     if os.path.exists(path):
         if os.path.isdir(path) != (rule == OUT_DIR):
             kind, other = ("folder", "file") if os.path.isdir(path) else ("file", "folder")

@@ -58,7 +58,8 @@ def test_config_file_then_overrides(tmp_path):
 @pytest.mark.parametrize("content,message", [
     (b"\x80\x02}q\x00.", "is not UTF-8 text"), (b"steps = 1\x00", "c.py: syntax error in config file: .*null bytes"),
     (b"steps = (" * 200, "syntax error"), (b"lr = 1e999 - 1e999", "lr is nan, not a number"),
-    (b"name = 10 ** 5000", "<int of about 5000 digits> is an int"), (b"steps = 1 / 0", "division by zero")])
+    (b"name = 10 ** 5000", "<an int too long to print> is an int"),
+    (b"name = [10 ** 5000]", "<a list holding an int too long to print> is a list"), (b"steps = 1 / 0", "division by zero")])
 def test_config_file_contents_rejected(tmp_path, content, message):
     f = tmp_path / "c.py"
     f.write_bytes(content)
@@ -301,5 +302,6 @@ def test_output_paths(tmp_path):
     assert f"cannot be created: {plain} is a file" in problem(out_dir=str(plain / "sub" / "run"))
     assert "that is a folder, not a file" in problem(out=str(tmp_path))
     assert "name a folder to write" in problem(out_dir="")  # required: its default is not empty
+    assert "holds no null character" in problem(out_dir="run\0")
     check_limits(dict(out_dir=str(tmp_path / "a" / "b"), out=str(tmp_path / "r.json")), defaults, limits)
     check_limits(dict(out_dir=str(tmp_path), out=""), defaults, limits)  # empty: not given
