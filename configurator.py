@@ -86,8 +86,11 @@ def _check_one(key, value, default, origin):
             raise UserError(f"{origin}: {key}={_show(value)} is too large for a float") from None
     elif isinstance(value, type(default)):
         return value
+    hint = ""
+    if type(default) is int and isinstance(value, float) and value.is_integer():
+        hint = f"; write {int(value)}"  # 1e4 is a float in Python
     raise UserError(f"{origin}: {key}={_show(value)} is {_kind(value)}, expected {_kind(default)} "
-                    f"like the default {_show(default)}")
+                    f"like the default {_show(default)}{hint}")
 
 
 def _check_type(key, value, default, origin):
@@ -162,12 +165,13 @@ def load_config(defaults, argv=None):
         if "=" not in arg:
             if arg in HELP_WORDS:
                 config["help"] = True
-            elif arg.startswith("-"):
+            elif arg.startswith("-") or (arg in defaults and not os.path.exists(arg)):
                 key = arg.lstrip("-")
                 if key not in defaults:
                     raise _unknown(key, defaults, "command line")
-                if not isinstance(defaults[key], bool):
-                    raise UserError(f"command line: {arg} needs a value: {key}=VALUE (default "
+                if not (isinstance(defaults[key], bool) and arg.startswith("-")):
+                    example = "True" if isinstance(defaults[key], bool) else "VALUE"
+                    raise UserError(f"command line: {arg} needs a value: {key}={example} (default "
                                     f"{_show(defaults[key])})")
                 config[key] = True
             else:

@@ -68,7 +68,11 @@ def init_from_teacher_layers(student, teacher, layers_spec):
                         f"n_head={s.n_head}, teacher n_embd={t.n_embd} n_head={t.n_head}")
     if s.bias != t.bias:
         raise UserError(f"student bias={s.bias} but teacher bias={t.bias}: set bias={t.bias}")
-    layers = [int(i) for i in str(layers_spec).split(",")] if layers_spec else default_layers(t.n_layer, s.n_layer)
+    try:
+        layers = [int(i) for i in layers_spec.split(",")] if layers_spec else default_layers(t.n_layer, s.n_layer)
+    except ValueError:
+        raise UserError(f"teacher_layers={layers_spec!r}: give block numbers separated by commas, "
+                        f"e.g. 0,2,4") from None
     if len(layers) != s.n_layer or not all(0 <= i < t.n_layer for i in layers):
         raise UserError(f"teacher_layers={layers} must name n_layer={s.n_layer} blocks of the "
                         f"teacher's {t.n_layer}")

@@ -40,7 +40,9 @@ def test_overrides_types_and_equals_signs():
     ("stepz=3", "did you mean steps"), ("steps=1.5", "expected an int"), ("flag=1", "expected a bool"),
     ("nope.py", "config file not found"), ("--steps", "--steps needs a value: steps=VALUE"),
     ("lr=" + "9" * 400, "too large for a float"), ("sizes=(1, 2.5)", "sizes[1]=2.5 is a float"),
-    ("sizes=[1]", "is a list, expected a tuple"), ("steps=None", "is a NoneType, expected an int")])
+    ("sizes=[1]", "is a list, expected a tuple"), ("steps=None", "is a NoneType, expected an int"),
+    ("steps", "steps needs a value: steps=VALUE"), ("flag", "flag needs a value: flag=True"),
+    ("steps=1e4", "is a float, expected an int like the default 10; write 10000")])
 def test_rejected(arg, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_config(DEFAULTS, [arg])
