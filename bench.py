@@ -27,21 +27,41 @@ import time
 
 import torch
 
-from configurator import UserError, run
+from configurator import OUT_FILE, UserError, run
 from inputs import comma_list, timestamped
 from losses import ce_loss_fn, default_chunk_rows, hard_loss, kd_loss_fn
 from model import GPT, GPTConfig
 from optim import apply_gradients, make_optimizer
-from runtime import Runtime, measure_peak_flops
+from runtime import DTYPE_CHOICES, Runtime, measure_peak_flops
 
 DEFAULTS = dict(
-    n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8, vocab_size=50257,
+    n_layer=6, n_head=6, n_embd=384,  # the student: blocks, attention heads, width
+    block_size=256,  # tokens per row
+    batch_size=8,  # rows per step
+    vocab_size=50257,  # the tokenizer's vocabulary (ours pads it to a multiple of 64)
     teacher_n_layer=12, teacher_n_head=6, teacher_n_embd=384,  # the distill step's teacher
-    chunk_rows=0,  # rows per chunk of the CE and KD losses (0: about 4M logits, as train.py/distill.py)
-    device="auto", dtype="auto", compile=False, threads=0,  # threads 0: torch's default
-    warmup=1, repeats=3, max_time=60.0,
-    gen_tokens=(128, 512), gen_batch=1, prompt_len=16,
-    parts="train,distill,generate,memory", hf=True, out="", seed=0,
+    chunk_rows=0,  # rows per chunk of the CE and KD losses; 0: about 4M logits, as train.py/distill.py
+    device="auto",  # auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps
+    dtype="auto",  # auto: bfloat16 on CUDA, float32 on CPU (float16 steps through a grad scaler)
+    compile=False,  # torch.compile both implementations
+    threads=0,  # CPU threads; 0: torch's default
+    warmup=1,  # untimed calls before the timed ones
+    repeats=3,  # timed calls, at most
+    max_time=60.0,  # seconds of timed calls after which a loop stops early
+    gen_tokens=(128, 512),  # generation lengths timed
+    gen_batch=1,  # rows generated together
+    prompt_len=16,  # prompt tokens before generation
+    parts="train,distill,generate,memory",  # comma-separated parts to run
+    hf=True,  # time transformers' GPT2LMHeadModel beside ours
+    out="",  # the JSON results; empty: out/bench/<timestamp>.json
+    seed=0,  # seed of the weights and the batches
+)
+LIMITS = dict(
+    n_layer="[1, inf)", n_head="[1, inf)", n_embd="[1, inf)", block_size="[1, inf)", batch_size="[1, inf)",
+    vocab_size="[1, inf)", teacher_n_layer="[1, inf)", teacher_n_head="[1, inf)", teacher_n_embd="[1, inf)",
+    chunk_rows="[0, inf)", dtype=DTYPE_CHOICES, threads="[0, inf)", warmup="[0, inf)", repeats="[1, inf)",
+    max_time="(0, inf)", gen_tokens="[1, inf)", gen_batch="[1, inf)", prompt_len="[1, inf)", out=OUT_FILE,
+    seed="[0, inf)",
 )
 PARTS = ("train", "distill", "generate", "memory")
 OPTIM = dict(learning_rate=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, layer_lr_decay=1.0)
@@ -383,10 +403,6 @@ def report(res):
 
 def main(cfg):
     parts = comma_list(cfg["parts"], "parts", choices=PARTS)
-    gen = cfg["gen_tokens"]
-    cfg["gen_tokens"] = [int(n) for n in (gen if isinstance(gen, (tuple, list)) else [gen])]
-    if cfg["warmup"] < 0 or min(cfg["repeats"], cfg["gen_batch"], cfg["prompt_len"], *cfg["gen_tokens"]) < 1:
-        raise UserError("warmup must be >= 0; repeats, gen_batch, prompt_len and gen_tokens >= 1")
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     rt = Runtime(cfg)
@@ -438,4 +454,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run(main, DEFAULTS)
+    run(main, DEFAULTS, LIMITS)

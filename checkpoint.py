@@ -14,11 +14,12 @@ import zipfile
 
 import torch
 
-from configurator import UserError
+from configurator import UserError, first_line
 from model import GPT, GPTConfig
 from tokenizer import TOKENIZER_FILE, check_model, get_tokenizer
 
 LATEST, BEST = "ckpt.pt", "best.pt"
+ZIP_MAGIC, PICKLE_MAGIC = b"PK\x03\x04", b"\x80"  # torch.save's format; pickle protocol 2+
 
 
 def _fsync_dir(path):
@@ -76,14 +77,29 @@ def find(path):
     return path
 
 
+def _check_format(path):
+    """A checkpoint is a torch zip archive or, from older torch, a pickle: anything else (a text
+    file, a config) is said to be no checkpoint before torch tries to unpickle it."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise UserError(f"{path} is empty (0 bytes): not a checkpoint")
+    if not (head == ZIP_MAGIC or head[:1] == PICKLE_MAGIC):
+        raise UserError(f"{path} is not a checkpoint (not a torch zip or pickle file): expected a .pt "
+                        f"written by train.py, distill.py or convert.py, or the out_dir holding one")
+
+
 def load(path, map_location="cpu"):
     path = find(path)
+    _check_format(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise UserError(f"{path} holds objects other than tensors and plain values; refused to "
-                        f"load it ({first[:160]})") from None
+        # torch's message is a paragraph whose one useful fact is the global it refused
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it would import {found[1]}" if found else first_line(e)
+        raise UserError(f"{path} holds objects other than tensors and plain values ({what}); "
+                        f"refused to load it") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise UserError(f"{path} is truncated or corrupt and cannot be loaded "
                         f"({type(e).__name__}); use an earlier ckpt_*.pt from the same folder") from None

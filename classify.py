@@ -24,34 +24,56 @@ import torch
 import torch.nn as nn
 
 import checkpoint
-from configurator import UserError, format_config, run
+from configurator import OUT_DIR, UserError, format_config, run
 from evaluation import WIKITEXT_CONTEXT, WIKITEXT_STRIDE, evaluate_model, wikitext_text
 from inputs import named_sources, read_text_file, timestamped
 from labelled_text import dataset_specs, load_data, source_name
 from losses import hard_loss
 from optim import apply_gradients, lr_at, make_optimizer
-from runtime import Runtime
+from runtime import DTYPE_CHOICES, Runtime
 
 DEFAULTS = dict(
     model="",  # our checkpoint (out_dir or .pt), a HF GPT-2 folder, or a GPT-2 name
-    data="",  # imdb | ag_news | a .csv/.jsonl file split by test_fraction; comma-separated in compare mode
-    train_file="", test_file="",  # or explicit files (train_file alone is split by test_fraction)
-    test_fraction=0.1, max_len=256,  # max_len is capped at the model's block_size
-    cache_dir="data/classify", results_dir="results",
+    data="",  # imdb, ag_news, a save_to_disk folder or a .csv/.jsonl (split by test_fraction); several in compare mode
+    train_file="",  # explicit training rows (.csv/.jsonl); alone, it is split by test_fraction
+    test_file="",  # explicit test rows, beside train_file
+    test_fraction=0.1,  # share of a lone file's rows held out for the test
+    max_len=256,  # tokens per text, at most (capped at the model's block_size)
+    cache_dir="data/classify",  # tokenised datasets, reused across runs
+    results_dir="results",  # results go to results_dir/<model>/<timestamp>/
     # reference, "Optimization Configuration": num_epochs 3, classification batch 8 (gpt2; 16 for
     # distilgpt2), lr 2e-5, warmup_ratio 0.1, linear decay to 1e-7, weight_decay 0.01, max_grad_norm 1.0
-    epochs=3, batch_size=8, learning_rate=2e-5, min_lr=1e-7, warmup_ratio=0.1, weight_decay=0.01,
-    beta1=0.9, beta2=0.999, grad_clip=1.0,
+    epochs=3,  # passes over the training rows
+    batch_size=8,  # texts per step
+    learning_rate=2e-5,  # peak learning rate of the top block and the head
+    min_lr=1e-7,  # learning rate at the end of the linear decay
+    warmup_ratio=0.1,  # share of the steps spent in linear warmup
+    weight_decay=0.01,  # AdamW weight decay, on matrices only
+    beta1=0.9, beta2=0.999,  # AdamW moment decay rates
+    grad_clip=1.0,  # clip the gradient norm to this; 0: no clipping
     # reference, "Regularization": dropout 0.1 in attention, hidden states and the head. Its IMDB
     # section says no label smoothing; its general section says 0.1 (config/classify_agnews.py)
-    dropout=0.1, label_smoothing=0.0,
+    dropout=0.1,  # dropout probability in the backbone and before the head
+    label_smoothing=0.0,  # share of the target probability spread over the classes
     # reference, "Layer Freezing Strategy": head alone for 1 epoch, then all layers at 0.1x (lower),
     # 0.5x (middle), 1x (top) the base lr; 0.8 per block is the geometric stand-in: over GPT-2's 12
     # blocks it gives 0.07-0.13x in the lower third, 0.17-0.33x in the middle, 0.4-0.8x on top
-    freeze_backbone_epochs=1, layer_lr_decay=0.8, baseline=True,
-    # compare mode: name=source,... ; WikiText PPL from a raw text file or a `datasets` config name
-    compare="", wikitext_file="", wikitext="",
-    device="auto", dtype="auto", seed=1337,
+    freeze_backbone_epochs=1,  # epochs that train the head alone before every layer trains
+    layer_lr_decay=0.8,  # lr x this per block below the top
+    baseline=True,  # also train the head-only baseline (backbone frozen for every epoch)
+    compare="",  # name=source,... : one table of several models instead of model=
+    wikitext_file="",  # compare mode: WikiText perplexity over this raw text file (wiki.test.raw) ...
+    wikitext="",  # ... or over WikiText's test split: a config (e.g. wikitext-2-raw-v1) or a save_to_disk copy
+    device="auto",  # auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps
+    dtype="auto",  # autocast dtype; auto: bfloat16 or float16 on GPUs, float32 on CPU
+    seed=1337,  # seed of the head's initialisation and of the batch order
+)
+LIMITS = dict(
+    test_fraction="(0, 1)", max_len="[1, inf)", cache_dir=OUT_DIR, results_dir=OUT_DIR, epochs="[1, inf)",
+    batch_size="[1, inf)", learning_rate="(0, inf)", min_lr="[0, inf)", warmup_ratio="[0, 1]",
+    weight_decay="[0, inf)", beta1="[0, 1)", beta2="[0, 1)", grad_clip="[0, inf)", dropout="[0, 1)",
+    label_smoothing="[0, 1)", freeze_backbone_epochs="[0, inf)", layer_lr_decay="(0, 1]",
+    dtype=DTYPE_CHOICES, seed="[0, inf)",
 )
 
 
@@ -278,7 +300,7 @@ def compare(cfg, rt, specs):
 
     text = None
     if cfg["wikitext_file"]:
-        text = read_text_file(cfg["wikitext_file"], "wikitext_file")
+        text = read_text_file(cfg["wikitext_file"], "wikitext_file=")
     elif cfg["wikitext"]:
         text = wikitext_text(cfg["wikitext"])
     root = timestamped(os.path.join(cfg["results_dir"], "compare"))
@@ -335,9 +357,6 @@ def compare_table(rows, datasets, with_ppl):
 def main(cfg):
     if bool(cfg["model"]) == bool(cfg["compare"]):
         raise UserError("give model= (one model) or compare=name=source,... (a table of several)")
-    for key in ("epochs", "batch_size"):
-        if cfg[key] < 1:
-            raise UserError(f"{key}={cfg[key]} must be at least 1")
     specs = dataset_specs(cfg)
     rt = Runtime(cfg)
     try:
@@ -357,4 +376,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run(main, DEFAULTS)
+    run(main, DEFAULTS, LIMITS)

@@ -10,11 +10,18 @@ import os
 import torch
 
 import checkpoint
-from configurator import UserError, run
+from configurator import OUT_DIR, UserError, run
 from model import GPT, GPTConfig, export_hf
 from tokenizer import TOKENIZER_FILE
 
-DEFAULTS = dict(to="", source="", out_dir="", out="", overwrite=False)
+DEFAULTS = dict(
+    to="",  # ours: a HF folder or GPT-2 name becomes our checkpoint; hf: our checkpoint a HF folder
+    source="",  # what is converted: a HF folder or GPT-2 name (to=ours), our out_dir or .pt (to=hf)
+    out_dir="",  # to=ours: the checkpoint folder written (fine-tune with init_from=out_dir)
+    out="",  # to=hf: the HF folder written (config.json, model.safetensors)
+    overwrite=False,  # replace what out_dir or out already holds
+)
+LIMITS = dict(to=("ours", "hf"), out_dir=OUT_DIR, out=OUT_DIR)
 
 
 def to_ours(cfg):
@@ -74,13 +81,8 @@ def to_hf(cfg):
 def main(cfg):
     if not cfg["source"]:
         raise UserError("give source=: a HF folder or GPT-2 name (to=ours), our checkpoint (to=hf)")
-    if cfg["to"] == "ours":
-        to_ours(cfg)
-    elif cfg["to"] == "hf":
-        to_hf(cfg)
-    else:
-        raise UserError(f"to={cfg['to']!r}: use to=ours (HF -> our checkpoint) or to=hf (ours -> HF)")
+    (to_ours if cfg["to"] == "ours" else to_hf)(cfg)
 
 
 if __name__ == "__main__":
-    run(main, DEFAULTS)
+    run(main, DEFAULTS, LIMITS)

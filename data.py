@@ -10,7 +10,7 @@ import os
 import numpy as np
 import torch
 
-from configurator import UserError
+from configurator import UserError, first_line
 from tokenizer import RECORD_KEYS, TOKENIZER_FILE, vocab_sha256
 
 SPLITS = ("train", "val")
@@ -19,6 +19,9 @@ DTYPES = ("uint16", "uint32")  # what prepare/ writes: uint32 only when the voca
 
 class BinDataset:
     def __init__(self, data_dir):
+        if os.path.isfile(data_dir):
+            raise UserError(f"{data_dir} is a file; a dataset is the folder a prepare/ script writes "
+                            f"(train.bin, val.bin, meta.json)")
         if not os.path.isdir(data_dir):
             raise UserError(f"data folder not found: {data_dir} (prepare it first, e.g. "
                             f"python prepare/shakespeare.py)")
@@ -97,14 +100,13 @@ class BinDataset:
         return self._window(split, starts, block_size)
 
 
-
 def _read_meta(path):
     """meta.json, checked for what reading the bins relies on; the first thing wrong is one line."""
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or absurdly nested
-        raise UserError(f"{path} is not valid JSON ({type(e).__name__}); re-prepare the dataset") from None
+        raise UserError(f"{path} is not valid JSON ({first_line(e)}); re-prepare the dataset") from None
     if not isinstance(meta, dict):
         raise UserError(f"{path} holds a JSON {type(meta).__name__}, not an object; re-prepare the dataset")
     dtype, vocab = meta.get("dtype", "uint16"), meta.get("vocab_size")

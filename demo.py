@@ -14,20 +14,43 @@ import subprocess
 import sys
 import time
 
-from configurator import UserError, run
+from configurator import OUT_DIR, UserError, run
+from losses import KINDS
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 DEFAULTS = dict(
-    dataset="",  # a prepared dataset folder; empty = the embedded Shakespeare corpus, char-level
-    out="out/demo", force=False, device="auto", compile=False, seed=1337,
-    block_size=128, batch_size=32, eval_interval=100, eval_iters=10,
+    dataset="",  # a prepared dataset folder; empty: the embedded Shakespeare corpus, char-level
+    out="out/demo",  # the demo's folder: one run per stage, report.md, report.json, val_loss.png
+    force=False,  # rerun every stage, even those finished before with the same arguments
+    device="auto",  # auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps
+    compile=False,  # torch.compile the models
+    seed=1337,  # seed of every stage (the two students start from the same weights)
+    block_size=128,  # tokens per row, for every model
+    batch_size=32,  # rows per step
+    eval_interval=100,  # steps between val loss estimates
+    eval_iters=10,  # batches per val loss estimate
     # sizes and settings from a sweep on the embedded corpus (README, "The demo"): students 2-4
     # layers x 64-128 wide, alpha 0.1-0.5, T 1-2; both students get the same lr and schedule
-    teacher_n_layer=4, teacher_n_head=4, teacher_n_embd=128, teacher_iters=800, teacher_lr=3e-3,
-    student_n_layer=3, student_n_head=4, student_n_embd=96, student_iters=600, student_lr=3e-3,
-    distill_type="hybrid", alpha=0.1, temperature=1.0, kd_loss="forward_kl",
+    teacher_n_layer=4, teacher_n_head=4, teacher_n_embd=128,  # the teacher: blocks, heads, width
+    teacher_iters=800,  # the teacher's training steps
+    teacher_lr=3e-3,  # the teacher's peak learning rate (min_lr is a tenth of it)
+    student_n_layer=3, student_n_head=4, student_n_embd=96,  # both students: blocks, heads, width
+    student_iters=600,  # each student's training steps
+    student_lr=3e-3,  # the students' peak learning rate (min_lr is a tenth of it)
+    distill_type="hybrid",  # logit: soft loss only; hybrid: alpha x CE + (1 - alpha) x soft
+    alpha=0.1,  # weight of the hard (CE) loss in hybrid mode
+    temperature=1.0,  # softens both distributions; the soft loss is scaled by T^2
+    kd_loss="forward_kl",  # the soft loss: forward_kl, reverse_kl or jsd
     equal_time=True,  # also train a CE baseline for as long as the distillation took
+)
+LIMITS = dict(
+    out=OUT_DIR, seed="[0, inf)", block_size="[1, inf)", batch_size="[1, inf)", eval_interval="[1, inf)",
+    eval_iters="[1, inf)", teacher_n_layer="[1, inf)", teacher_n_head="[1, inf)", teacher_n_embd="[1, inf)",
+    teacher_iters="[1, inf)", teacher_lr="(0, inf)", student_n_layer="[1, inf)", student_n_head="[1, inf)",
+    student_n_embd="[1, inf)", student_iters="[1, inf)", student_lr="(0, inf)",
+    distill_type=("logit", "hybrid"), alpha="[0, 1]", temperature="(0, inf)",
+    kd_loss=KINDS,
 )
 
 
@@ -188,4 +211,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run(main, DEFAULTS)
+    run(main, DEFAULTS, LIMITS)

@@ -16,22 +16,28 @@ import numpy as np
 import torch
 
 from checkpoint import load_model
-from configurator import UserError, run
+from configurator import OUT_FILE, UserError, run
+from data import SPLITS, BinDataset
 from evaluation import WIKITEXT_STRIDE, evaluate_model, wikitext_text
 from inputs import named_sources, read_text_file, timestamped
-from runtime import Runtime
+from runtime import DTYPE_CHOICES, Runtime
 from tokenizer import check_same, identity, tokenizer_from_meta
 
 DEFAULTS = dict(
     models="",  # comma-separated sources (our out_dir, HF folder, GPT-2 name), optionally name=source
-    dataset="", split="val",  # a prepared dataset ...
+    dataset="",  # a prepared dataset folder to score ...
+    split="val",  # ... its split
     text="",  # ... or a raw text file, tokenised with each model's tokenizer ...
-    wikitext="",  # ... or a WikiText config through `datasets` (e.g. wikitext-2-raw-v1), test split
-    block_size=0,  # 0 = each model's own context
-    stride=0,  # 0 = block_size for datasets (non-overlapping), 512 for text and WikiText
-    batch_size=8, device="auto", dtype="auto",
-    out="",  # JSON results; empty = out/eval/<timestamp>.json
+    wikitext="",  # ... or WikiText's test split: a config (e.g. wikitext-2-raw-v1) or a save_to_disk copy
+    block_size=0,  # tokens per window; 0: each model's own context
+    stride=0,  # tokens between window starts; 0: block_size for datasets, 512 for text and WikiText
+    batch_size=8,  # windows per forward pass
+    device="auto",  # auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps
+    dtype="auto",  # autocast dtype; auto: bfloat16 or float16 on GPUs, float32 on CPU
+    out="",  # the JSON results; empty: out/eval/<timestamp>.json
 )
+LIMITS = dict(split=SPLITS, block_size="[0, inf)", stride="[0, inf)", batch_size="[1, inf)",
+              dtype=DTYPE_CHOICES, out=OUT_FILE)
 
 
 def load_eval_text(cfg):
@@ -39,12 +45,9 @@ def load_eval_text(cfg):
     if len(given) != 1:
         raise UserError(f"give exactly one of dataset=, text= or wikitext= (got {given or 'none'})")
     if cfg["dataset"]:
-        from data import SPLITS, BinDataset
-        if cfg["split"] not in SPLITS:
-            raise UserError(f"split={cfg['split']!r}: use one of {', '.join(SPLITS)}")
         return BinDataset(cfg["dataset"]), None
     if cfg["text"]:
-        return None, read_text_file(cfg["text"], "text")
+        return None, read_text_file(cfg["text"], "text=")
     return None, wikitext_text(cfg["wikitext"])
 
 
@@ -99,4 +102,4 @@ def table(results):
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    run(main, DEFAULTS)
+    run(main, DEFAULTS, LIMITS)

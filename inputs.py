@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from configurator import UserError
+from configurator import UserError, first_line, shown_path
 
 SHOW_BAD = 5  # bad lines listed by name in a warning or error; the rest are counted
 
@@ -55,20 +55,36 @@ def named_sources(spec, key):
 # ---------------------------------------------------------------- files
 
 
-def read_text_file(path, key):
-    """The whole text of the UTF-8 file named by setting `key`, without the byte-order mark some
-    editors write; bytes that are not UTF-8 are an error naming their line."""
+def check_file(path, label):
+    """One line unless `path`, which the user gave as `label` + path (e.g. text=, start=FILE:), is
+    an existing file."""
+    where = label + shown_path(path)
+    if os.path.isdir(path):
+        raise UserError(f"{where}: that is a folder; name a text file")
     if not os.path.isfile(path):
-        raise UserError(f"{key}={path}: file not found")
-    with open(path, "rb") as f:
-        raw = f.read()
+        raise UserError(f"{where}: file not found")
+
+
+def read_text_file(path, label):
+    """The whole text of the UTF-8 file the user gave as `label` + path (e.g. text=, start=FILE:),
+    without the byte-order mark some editors write. A folder, a missing or unreadable file, a
+    binary file and bytes that are not UTF-8 (named by their line) are one line each."""
+    check_file(path, label)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UserError(f"{label}{shown_path(path)}: cannot be read ({e.strerror})") from None
     start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
         return raw[start:].decode("utf-8")
     except UnicodeDecodeError as e:
+        if b"\0" in raw:  # text holds no null bytes; checkpoints, archives and images do
+            raise UserError(f"{label}{shown_path(path)}: not UTF-8 text but a binary file; name a "
+                            f"text file") from None
         at = start + e.start
         line = raw[:at].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte {at + 1} of the file)") from None
+        raise UserError(f"{shown_path(path)}:{line}: not UTF-8 text (byte {at + 1} of the file)") from None
 
 
 def expand_files(spec, exts, key="input"):
@@ -196,14 +212,14 @@ def hf_dataset(path, config=None, split=None, hint="", columns=()):
             ds = datasets.load_from_disk(path)
         except Exception as e:
             raise UserError(f"{path}: cannot read the saved dataset ({type(e).__name__}: "
-                            f"{_first_line(e)})") from None
+                            f"{first_line(e)})") from None
         ds = _split_of_saved(ds, path, split) if split else ds
     else:
         try:
             ds = datasets.load_dataset(path, config, split=split)
         except Exception as e:
             raise UserError(f"cannot load {path}{'/' + config if config else ''} ({type(e).__name__}: "
-                            f"{_first_line(e)}); offline, {hint}") from None
+                            f"{first_line(e)}); offline, {hint}") from None
     for name, part in ds.items() if isinstance(ds, dict) else [(split, ds)]:
         missing = [c for c in columns if c not in part.column_names]
         if missing:
@@ -224,11 +240,6 @@ def _split_of_saved(ds, path, split):
     if split != "train":  # a lone Dataset saved without split names serves as the training data
         raise UserError(f"{path} holds one unnamed split; save a DatasetDict with a {split!r} split")
     return ds
-
-
-def _first_line(e):
-    lines = str(e).strip().splitlines()
-    return lines[0][:160] if lines else ""
 
 
 # ---------------------------------------------------------------- where results go

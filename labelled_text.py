@@ -57,7 +57,7 @@ def read_rows(path):
 
 def _csv_rows(path):
     csv.field_size_limit(CSV_FIELD_LIMIT)
-    reader = csv.DictReader(io.StringIO(read_text_file(path, "data"), newline=""))
+    reader = csv.DictReader(io.StringIO(read_text_file(path, ""), newline=""))
     rows = []
     try:
         if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
@@ -213,8 +213,8 @@ def load_data(name, spec, tok, tok_info, max_len, cfg):
             if spec["test"]:
                 test_rows, test_where = read_rows(spec["test"]), spec["test"] + ":"
             else:
-                if len(train_rows) < 2 or not 0 < cfg["test_fraction"] < 1:
-                    raise UserError(f"splitting {spec['train']} needs 2+ rows and 0 < test_fraction < 1")
+                if len(train_rows) < 2:
+                    raise UserError(f"splitting {spec['train']} by test_fraction needs 2 or more rows")
                 # a fixed permutation: the same rows are held out on every run and machine
                 order = np.random.default_rng(0).permutation(len(train_rows))
                 n_test = max(1, round(len(train_rows) * cfg["test_fraction"]))

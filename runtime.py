@@ -13,6 +13,7 @@ import torch.distributed as dist
 from configurator import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", *DTYPES)  # what a dtype= key may say
 
 
 def resolve_device(device):

@@ -19,19 +19,31 @@ import time
 import torch
 
 import checkpoint
-from configurator import UserError, run
-from inputs import field, read_jsonl, read_text_file
+from configurator import OUT_FILE, UserError, run
+from inputs import check_file, field, read_jsonl, read_text_file
+from runtime import DTYPE_CHOICES, Runtime
 from tokenizer import tokenizer_from_meta
-from runtime import Runtime
 
 DEFAULTS = dict(
     source="out/run",  # our out_dir or .pt, a HF GPT-2 folder, or a GPT-2 name
     start="\n",  # the prompt, or FILE:path to read it from a file
-    prompts="", out="",  # prompts file (.txt / .jsonl) -> responses .jsonl
-    num_samples=3, max_new_tokens=200,
-    temperature=0.8, top_k=200, top_p=1.0,  # temperature 0 is greedy; top_k 0 and top_p 1 are off
+    prompts="",  # a .txt (one prompt a line) or .jsonl ({"prompt": ...}) of prompts; needs out=
+    out="",  # the .jsonl the responses to prompts= are written to (a rerun continues it)
+    num_samples=3,  # samples per prompt
+    max_new_tokens=200,  # tokens generated per sample, at most
+    temperature=0.8,  # 0: greedy
+    top_k=200,  # sample among the k likeliest tokens; 0: off
+    top_p=1.0,  # sample within the smallest set of tokens holding this probability; 1: off
     batch_size=16,  # rows per generate call (prompts x samples)
-    seed=1337, device="auto", dtype="auto", compile=False,
+    seed=1337,  # seed of the sampling
+    device="auto",  # auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps
+    dtype="auto",  # autocast dtype; auto: bfloat16 or float16 on GPUs, float32 on CPU
+    compile=False,  # torch.compile the model
+)
+LIMITS = dict(
+    out=OUT_FILE, num_samples="[1, inf)", max_new_tokens="[1, inf)", temperature="[0, inf)",
+    top_k="[0, inf)", top_p="(0, 1]", batch_size="[1, inf)",
+    dtype=DTYPE_CHOICES,
 )
 RESERVED = ("prompt", "response", "index", "sample")
 DASHES = "-" * 40
@@ -39,12 +51,11 @@ DASHES = "-" * 40
 
 def read_prompts(path):
     """[(prompt, extra fields)] from a .txt (one per non-blank line) or a .jsonl file."""
-    if not os.path.isfile(path):
-        raise UserError(f"prompts file not found: {path}")
     if path.endswith(".jsonl"):
+        check_file(path, "prompts=")
         prompts = [p for _, p in read_jsonl(path, _prompt, skip_bad=True)]
     else:
-        prompts = [(line, {}) for line in read_text_file(path, "prompts").splitlines() if line.strip()]
+        prompts = [(line, {}) for line in read_text_file(path, "prompts=").splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"{path} holds no prompts (one per line, or JSON objects with a 'prompt')")
     return prompts
@@ -156,14 +167,7 @@ def write_responses(model, tok, prompts, done, cfg, rt):
     print(f"wrote {written} records to {out} in {time.time() - t0:.1f}s", file=sys.stderr)
 
 
-def print_samples(model, tok, cfg, rt):
-    start = cfg["start"]
-    if start.startswith("FILE:"):
-        path = start[len("FILE:"):]
-        if not os.path.isfile(path):
-            raise UserError(f"start=FILE:{path}: file not found")
-        with open(path, encoding="utf-8") as f:
-            start = f.read()
+def print_samples(model, tok, start, cfg, rt):
     ids = [encode(tok, start, "start")]
     for rows in plan_batches([len(ids[0])], cfg["num_samples"], cfg["batch_size"]):
         for text in complete(model, tok, ids, rows, cfg, rt):
@@ -172,16 +176,15 @@ def print_samples(model, tok, cfg, rt):
 
 
 def main(cfg):
-    for key in ("num_samples", "max_new_tokens", "batch_size"):
-        if cfg[key] < 1:
-            raise UserError(f"{key}={cfg[key]}: must be at least 1")
-    if cfg["temperature"] < 0 or not 0 < cfg["top_p"] <= 1 or (cfg["top_k"] or 0) < 0:
-        raise UserError("temperature must be >= 0, top_k >= 0 (0 = off), 0 < top_p <= 1")
     if bool(cfg["prompts"]) != bool(cfg["out"]):
         raise UserError("prompts=FILE and out=FILE.jsonl go together (for one prompt use start=)")
-    if cfg["prompts"]:  # before loading the model: a mistake in the files should not wait for it
+    # files are read before the model is loaded: a mistake in them should not wait for it
+    if cfg["prompts"]:
         prompts = read_prompts(cfg["prompts"])
         done = read_done(cfg["out"], prompts)
+    start = cfg["start"]
+    if start.startswith("FILE:"):
+        start = read_text_file(start[len("FILE:"):], "start=FILE:")
     rt = Runtime(cfg)
     model, tok_info, _ = checkpoint.load_model(cfg["source"], rt.device)
     model.eval()
@@ -195,8 +198,8 @@ def main(cfg):
     if cfg["prompts"]:
         write_responses(model, tok, prompts, done, cfg, rt)
     else:
-        print_samples(model, tok, cfg, rt)
+        print_samples(model, tok, start, cfg, rt)
 
 
 if __name__ == "__main__":
-    run(main, DEFAULTS)
+    run(main, DEFAULTS, LIMITS)

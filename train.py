@@ -8,7 +8,7 @@ from configurator import run
 from data import BinDataset
 from losses import ce_loss_fn
 from runtime import Runtime
-from trainer import DEFAULTS, init_model, train
+from trainer import DEFAULTS, LIMITS, init_model, train
 
 
 def main(cfg):
@@ -23,4 +23,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run(main, DEFAULTS)
+    run(main, DEFAULTS, LIMITS)

@@ -20,30 +20,75 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import lora
 import optim
-from configurator import UserError, format_config
+from configurator import OUT_DIR, UserError, format_config
 from evaluation import estimate_loss, perplexity, split_loss
-from runtime import measure_peak_flops
+from runtime import DTYPE_CHOICES, measure_peak_flops
 from tokenizer import check_same
 
-# keys every training script has; train.py and distill.py add their own
+# keys every training script has; train.py and distill.py add their own. The comment beside a key
+# is its doc (`python train.py help` shows it)
 DEFAULTS = dict(
     # I/O
-    out_dir="out/run", init_from="scratch", overwrite=False, keep_last=2,
-    eval_interval=250, eval_iters=20, log_interval=10, final_eval=True,
-    wandb_log=False, wandb_project="nanodistill", wandb_run_name="",
+    out_dir="out/run",  # the run's folder: checkpoints and metrics.jsonl
+    init_from="scratch",  # scratch, resume (out_dir's run), or a checkpoint, HF folder or GPT-2 name
+    overwrite=False,  # start over in an out_dir that holds a run (its checkpoints are removed)
+    keep_last=2,  # step checkpoints kept on disk (best.pt besides)
+    eval_interval=250,  # steps between val loss estimates, each followed by a checkpoint
+    eval_iters=20,  # batches per val loss estimate
+    log_interval=10,  # steps between training records in metrics.jsonl
+    final_eval=True,  # at the end, score every token of the val split exactly
+    wandb_log=False,  # mirror metrics.jsonl to wandb (offline mode works)
+    wandb_project="nanodistill",  # wandb project
+    wandb_run_name="",  # wandb run name; empty: wandb picks one
     # data
-    dataset="data/shakespeare_char", batch_size=12, block_size=256, gradient_accumulation_steps=1,
+    dataset="data/shakespeare_char",  # a folder written by a prepare/ script
+    batch_size=12,  # rows per micro-step on each rank
+    block_size=256,  # tokens per row: the context length
+    gradient_accumulation_steps=1,  # micro-steps per optimizer step, over all ranks together
     # model, when built from scratch: a GPT-2 name or the sizes below
-    model="", n_layer=6, n_head=6, n_embd=384, dropout=0.0, bias=True,
+    model="",  # gpt2, gpt2-medium, gpt2-large or gpt2-xl sizes; empty: n_layer, n_head, n_embd
+    n_layer=6, n_head=6, n_embd=384,  # blocks, attention heads, width
+    dropout=0.0,  # dropout probability in attention, MLP and embeddings
+    bias=True,  # biases in Linear and LayerNorm layers, as GPT-2 has
     # AdamW and schedule
-    learning_rate=6e-4, max_iters=5000, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
-    warmup_iters=100, lr_decay_iters=0, min_lr=6e-5, decay="cosine",
+    learning_rate=6e-4,  # peak learning rate, reached after warmup_iters
+    max_iters=5000,  # optimizer steps in all (a resumed run counts the steps already done)
+    weight_decay=0.1,  # AdamW weight decay, on matrices only
+    beta1=0.9, beta2=0.95,  # AdamW moment decay rates
+    grad_clip=1.0,  # clip the gradient norm to this; 0: no clipping
+    warmup_iters=100,  # steps of linear warmup
+    lr_decay_iters=0,  # step at which the decay reaches min_lr; 0: max_iters
+    min_lr=6e-5,  # learning rate at the end of the decay
+    decay="cosine",  # shape of the decay after warmup
     # fine-tuning controls
-    freeze_layers=0, layer_lr_decay=1.0, label_smoothing=0.0, gradient_checkpointing=False,
-    lora_rank=0, lora_alpha=16.0, lora_dropout=0.0, lora_targets="attn,attn_proj,mlp,mlp_proj",
+    freeze_layers=0,  # freeze the embeddings and the first N blocks
+    layer_lr_decay=1.0,  # lr x this per block below the top (Howard & Ruder 2018); 1: off
+    label_smoothing=0.0,  # share of the target probability spread over the vocabulary
+    gradient_checkpointing=False,  # recompute activations in the backward pass: less memory, more time
+    lora_rank=0,  # LoRA adapters of this rank on a trained model; 0: train every weight
+    lora_alpha=16.0,  # LoRA scale: the update is alpha / rank x B A
+    lora_dropout=0.0,  # dropout on the LoRA adapters' input
+    lora_targets="attn,attn_proj,mlp,mlp_proj",  # comma-separated layers that get adapters
+    # losses
+    chunk_rows=0,  # rows per chunk of the chunked CE/KD losses; 0: about 4M logits a chunk
     # system
-    device="auto", dtype="auto", compile=False, seed=1337, max_bad_steps=10,
-    chunk_rows=0,  # the losses run over B*T rows in chunks of this many (0: about 4M logits a chunk)
+    device="auto",  # auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps
+    dtype="auto",  # autocast dtype; auto: bfloat16 on GPUs that have it, float16 on others, float32 on CPU
+    compile=False,  # torch.compile the model
+    seed=1337,  # seed of the initialisation and of the batches drawn
+    max_bad_steps=10,  # non-finite steps in a row (skipped) before the run stops
+)
+# the values a key may take, where that is plain (configurator.describe): checked before any work
+LIMITS = dict(
+    out_dir=OUT_DIR, keep_last="[1, inf)", eval_interval="[1, inf)", eval_iters="[1, inf)",
+    log_interval="[1, inf)", batch_size="[1, inf)", block_size="[1, inf)",
+    gradient_accumulation_steps="[1, inf)", n_layer="[1, inf)", n_head="[1, inf)", n_embd="[1, inf)",
+    dropout="[0, 1)", learning_rate="(0, inf)", max_iters="[0, inf)", weight_decay="[0, inf)",
+    beta1="[0, 1)", beta2="[0, 1)", grad_clip="[0, inf)", warmup_iters="[0, inf)",
+    lr_decay_iters="[0, inf)", min_lr="[0, inf)", decay=optim.DECAYS,
+    freeze_layers="[0, inf)", layer_lr_decay="(0, 1]", label_smoothing="[0, 1)", lora_rank="[0, inf)",
+    lora_alpha="(0, inf)", lora_dropout="[0, 1)", chunk_rows="[0, inf)",
+    dtype=DTYPE_CHOICES, seed="[0, inf)", max_bad_steps="[0, inf)",
 )
 
 
@@ -222,8 +267,6 @@ class TrainState:
 
 
 def check(cfg, rt):
-    if cfg["decay"] not in optim.DECAYS:
-        raise UserError(f"decay={cfg['decay']!r}: use {', '.join(optim.DECAYS)}")
     accum = cfg["gradient_accumulation_steps"]
     if (cfg["batch_size"] * accum) % rt.world or accum % rt.world:
         raise UserError(f"gradient_accumulation_steps={accum} must be divisible by the world size "

@@ -15,10 +15,18 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
 from inputs import expand_files, hf_dataset  # noqa: E402
+from prepare.common import LIMITS as COMMON_LIMITS  # noqa: E402
 from prepare.common import resolve_num_proc, tokenizer_for, write_dataset  # noqa: E402
 
-DEFAULTS = dict(input="", out="data/babylm", tokenizer="gpt2", val_fraction=0.05,
-                hf_dataset="AlienKevin/BabyLM_2024_10M", num_proc=0)
+DEFAULTS = dict(
+    input="",  # the six .train files: their folder (e.g. train_10M/), files or globs; empty: hf_dataset
+    out="data/babylm",  # the dataset folder written
+    tokenizer="gpt2",  # gpt2 (BPE, offline), char (the corpus' characters), or a tokenizer.json or its folder
+    val_fraction=0.05,  # share of the merged lines, taken from the end, that validate
+    hf_dataset="AlienKevin/BabyLM_2024_10M",  # read when input is empty: a hub name or a save_to_disk folder
+    num_proc=0,  # tokenising processes; 0: up to 4
+)
+LIMITS = dict(COMMON_LIMITS, val_fraction="(0, 1)")
 
 
 def local_sources(spec):
@@ -41,8 +49,6 @@ def hub_sources(name):
 
 def split_lines(sources, val_fraction):
     """sources: [(name, lines)] in merge order. The first 1 - val_fraction of all lines train."""
-    if not 0 < val_fraction < 1:
-        raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.05)")
     cut = int(sum(len(lines) for _, lines in sources) * (1 - val_fraction))
     splits, val_sources, pos = {"train": [], "val": []}, [], 0
     for name, lines in sources:
@@ -70,4 +76,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run(main, DEFAULTS)
+    run(main, DEFAULTS, LIMITS)

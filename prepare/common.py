@@ -15,9 +15,11 @@ from multiprocessing import Pool
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configurator import UserError  # noqa: E402
+from configurator import OUT_DIR, UserError  # noqa: E402
 from tokenizer import TOKENIZER_FILE, get_tokenizer, tokenizer_from_meta  # noqa: E402
 
+# the limits of the keys every prepare script has (configurator.describe)
+LIMITS = dict(out=OUT_DIR, num_proc="[0, inf)")
 _worker_tok = None
 # Pool.imap reads its whole input ahead of the workers; feeding it bounded batches keeps a corpus
 # larger than memory (OpenWebText is ~40 GB of text) streaming instead of piling up in a queue.
@@ -156,8 +158,6 @@ def resolve_num_proc(num_proc):
 def split_every_nth(items, val_fraction):
     """({"train": items, "val": items}, n): every n = round(1/val_fraction)-th item is held out,
     starting mid-stride so the first and last items (often atypical: prefaces, appendices) train."""
-    if not 0 < val_fraction < 1:
-        raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.1)")
     every = max(2, round(1 / val_fraction))
     held = set(range(every // 2, len(items), every)) or {len(items) - 1}
     return {"train": [x for i, x in enumerate(items) if i not in held],

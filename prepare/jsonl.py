@@ -14,10 +14,20 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
 from inputs import field, read_jsonl  # noqa: E402
+from prepare.common import LIMITS as COMMON_LIMITS  # noqa: E402
 from prepare.common import resolve_num_proc, split_every_nth, tokenizer_for, write_dataset  # noqa: E402
 
-DEFAULTS = dict(input="", out="data/jsonl", tokenizer="gpt2", prompt_key="prompt",
-                response_key="response", train_on_prompt=False, val_fraction=0.1, num_proc=0)
+DEFAULTS = dict(
+    input="",  # the .jsonl file: one {"prompt": ..., "response": ...} object a line
+    out="data/jsonl",  # the dataset folder written
+    tokenizer="gpt2",  # gpt2 (BPE, offline), char (the corpus' characters), or a tokenizer.json or its folder
+    prompt_key="prompt",  # the field holding the prompt
+    response_key="response",  # the field holding the response
+    train_on_prompt=False,  # also learn to predict the prompt tokens (mask 1 on them)
+    val_fraction=0.1,  # share of the records that validate (every round(1/val_fraction)-th)
+    num_proc=0,  # tokenising processes; 0: up to 4
+)
+LIMITS = dict(COMMON_LIMITS, val_fraction="(0, 1)")
 
 
 def read_records(path, prompt_key, response_key):
@@ -47,4 +57,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run(main, DEFAULTS)
+    run(main, DEFAULTS, LIMITS)

@@ -14,11 +14,20 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
 from inputs import expand_files, field, hf_dataset, read_jsonl  # noqa: E402
+from prepare.common import LIMITS as COMMON_LIMITS  # noqa: E402
 from prepare.common import (Column, read_documents, resolve_num_proc, split_every_nth,  # noqa: E402
                             tokenizer_for, write_dataset)
 
-DEFAULTS = dict(input="", out="data/openwebtext", tokenizer="gpt2", val_fraction=0.0005, seed=2357,
-                hf_dataset="Skylion007/openwebtext", num_proc=0)
+DEFAULTS = dict(
+    input="",  # local .txt/.jsonl files, folders or globs, comma-separated; empty: hf_dataset
+    out="data/openwebtext",  # the dataset folder written
+    tokenizer="gpt2",  # gpt2 (BPE, offline), char (the corpus' characters), or a tokenizer.json or its folder
+    val_fraction=0.0005,  # share of the documents that validate
+    seed=2357,  # seed of hf_dataset's random split (nanoGPT's)
+    hf_dataset="Skylion007/openwebtext",  # read when input is empty: a hub name or a save_to_disk folder
+    num_proc=0,  # tokenising processes; 0: up to 4
+)
+LIMITS = dict(COMMON_LIMITS, val_fraction="(0, 1)")
 
 
 def local_documents(spec):
@@ -58,4 +67,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run(main, DEFAULTS)
+    run(main, DEFAULTS, LIMITS)

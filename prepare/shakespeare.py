@@ -12,10 +12,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
 from inputs import comma_list  # noqa: E402
+from prepare.common import LIMITS as COMMON_LIMITS  # noqa: E402
 from prepare.common import resolve_num_proc, tokenizer_for, write_dataset  # noqa: E402
 from prepare.plays import play_texts  # noqa: E402
 
-DEFAULTS = dict(tokenizer="char", out="", val_plays="", num_proc=0)
+DEFAULTS = dict(
+    tokenizer="char",  # gpt2 (BPE, offline), char (the plays' characters), or a tokenizer.json or its folder
+    out="",  # the dataset folder written; empty: data/shakespeare_char, data/shakespeare or data/shakespeare_<folder>
+    val_plays="",  # comma-separated plays that validate, e.g. hamlet; empty: 4 of the 38
+    num_proc=0,  # tokenising processes; 0: up to 4
+)
+LIMITS = COMMON_LIMITS
 VAL_EVERY = 10  # every 10th play (in name order, from the 6th) is held out: 4 of 38
 
 
@@ -45,4 +52,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run(main, DEFAULTS)
+    run(main, DEFAULTS, LIMITS)

@@ -13,10 +13,18 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
 from inputs import expand_files  # noqa: E402
+from prepare.common import LIMITS as COMMON_LIMITS  # noqa: E402
 from prepare.common import (read_documents, resolve_num_proc, split_every_nth, tokenizer_for,  # noqa: E402
                             write_dataset)
 
-DEFAULTS = dict(input="", out="data/text", tokenizer="gpt2", val_fraction=0.1, num_proc=0)
+DEFAULTS = dict(
+    input="",  # .txt files, folders (searched recursively) or globs, comma-separated
+    out="data/text",  # the dataset folder written
+    tokenizer="gpt2",  # gpt2 (BPE, offline), char (the corpus' characters), or a tokenizer.json or its folder
+    val_fraction=0.1,  # share of the documents that validate (of the text, for a lone document)
+    num_proc=0,  # tokenising processes; 0: up to 4
+)
+LIMITS = dict(COMMON_LIMITS, val_fraction="(0, 1)")
 
 
 def split_documents(docs, val_fraction):
@@ -41,4 +49,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run(main, DEFAULTS)
+    run(main, DEFAULTS, LIMITS)

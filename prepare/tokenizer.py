@@ -23,11 +23,13 @@ from prepare.plays import play_texts  # noqa: E402
 from tokenizer import EOT_NAMES, TOKENIZER_FILE  # noqa: E402
 
 DEFAULTS = dict(
-    input="",  # .txt files, folders or globs, comma-separated; empty = the 38 embedded Shakespeare plays
+    input="",  # .txt files, folders or globs, comma-separated; empty: the 38 embedded Shakespeare plays
     out="data/tokenizer",  # a folder (tokenizer.json is written in it) or a file name ending in .json
-    vocab_size=50257,  # tokens in all: <|endoftext|>, the 256 bytes and the merges (GPT-2 has 50257)
+    vocab_size=50257,  # tokens in all (>= 257): <|endoftext|>, the 256 bytes, the merges; GPT-2 has 50257
     min_frequency=2,  # a pair seen fewer times than this is never merged
 )
+# vocab_size's bound is checked in main, where its message can say why
+LIMITS = dict(min_frequency="[1, inf)")
 BYTES = 256
 
 
@@ -70,8 +72,6 @@ def main(cfg):
     if cfg["vocab_size"] < BYTES + 1:
         raise UserError(f"vocab_size={cfg['vocab_size']}: at least {BYTES + 1} (<|endoftext|> and the "
                         f"{BYTES} bytes), e.g. 4096, or 50257 as GPT-2")
-    if cfg["min_frequency"] < 1:
-        raise UserError(f"min_frequency={cfg['min_frequency']}: must be at least 1")
     path = output_path(cfg["out"])
     texts, n_texts = documents(cfg["input"])
     n_bytes = 0
@@ -100,4 +100,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run(main, DEFAULTS)
+    run(main, DEFAULTS, LIMITS)

@@ -14,9 +14,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import UserError, run  # noqa: E402
 from inputs import hf_dataset  # noqa: E402
+from prepare.common import LIMITS as COMMON_LIMITS  # noqa: E402
 from prepare.common import resolve_num_proc, tokenizer_for, write_dataset  # noqa: E402
 
-DEFAULTS = dict(input="", config="wikitext-103-raw-v1", out="data/wikitext", tokenizer="gpt2", num_proc=0)
+DEFAULTS = dict(
+    input="",  # a folder holding wiki.train.raw and wiki.valid.raw; empty: config from the hub
+    config="wikitext-103-raw-v1",  # read when input is empty: a hub config or a save_to_disk folder
+    out="data/wikitext",  # the dataset folder written
+    tokenizer="gpt2",  # gpt2 (BPE, offline), char (the corpus' characters), or a tokenizer.json or its folder
+    num_proc=0,  # tokenising processes; 0: up to 4
+)
+LIMITS = COMMON_LIMITS
 SPLITS = {"train": "train", "val": "valid"}  # ours -> the file names' (HF calls it "validation")
 # a top-level heading is " = Title = "; sections are " = = Section = = ", so one '=' then not '='
 ARTICLE_START = re.compile(r"^(?= = [^=])", re.MULTILINE)
@@ -70,4 +78,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    run(main, DEFAULTS)
+    run(main, DEFAULTS, LIMITS)

@@ -6,6 +6,7 @@ could touch before and after.
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -141,6 +142,76 @@ def out_dir_taken(c):
     return "train.py", c.base(), "already holds a run's checkpoint"
 
 
+def plain_file(c, name="notes.txt", content="a note, not a checkpoint\n"):
+    path = c.tmp / name
+    path.write_text(content)
+    c.watch.append(path)
+    return path
+
+
+def torn_meta(c):
+    data = c.data_copy("torn_meta")
+    (data / "meta.json").write_text(TORN_JSON)
+    return "train.py", c.base(data), "meta.json is not valid JSON"
+
+
+def binary_config(c):
+    path = plain_file(c, "pickled.py")
+    path.write_bytes(pickle.dumps({"batch_size": 2}))
+    return "train.py", [path, *c.base()], "pickled.py is not UTF-8 text"
+
+
+def config_without_suffix(c):
+    plain_file(c, "small.py", "batch_size = 2\n")
+    return "train.py", [c.tmp / "small", *c.base()], f"did you mean {c.tmp / 'small'}.py?"
+
+
+# values outside a key's LIMITS, files where folders belong (and the reverse), binary files as text
+LIMIT_CASES = {
+    "batch_size_zero": lambda c: ("train.py", [*c.base(), "batch_size=0"], "batch_size=0: must be >= 1"),
+    "batch_size_negative": lambda c: ("train.py", [*c.base(), "batch_size=-3"], "batch_size=-3: must be >= 1"),
+    "distill_alpha": lambda c: ("distill.py", [*c.base(), f"teacher={c.trained}", "alpha=1.5"],
+                                "alpha=1.5: must be in [0, 1]"),
+    "sample_top_p": lambda c: ("sample.py", [f"source={c.trained}", "top_p=0"], "top_p=0.0: must be in (0, 1]"),
+    "evaluate_batch_size": lambda c: ("evaluate.py", [f"models={c.trained}", f"dataset={c.data}", "batch_size=0"],
+                                      "batch_size=0: must be >= 1"),
+    "out_dir_is_a_file": lambda c: ("train.py", [*c.base(), f"out_dir={plain_file(c)}"],
+                                    "that is a file, not a folder"),
+    "out_dir_under_a_file": lambda c: ("train.py", [*c.base(), f"out_dir={plain_file(c) / 'run'}"],
+                                       "cannot be created: " + str(c.tmp / "notes.txt") + " is a file"),
+    "sample_out_is_a_folder": lambda c: ("sample.py", [f"source={c.trained}", f"prompts={plain_file(c)}",
+                                                       f"out={c.data}"], "that is a folder, not a file"),
+    "prepare_out_is_a_file": lambda c: ("prepare/text.py", [f"input={plain_file(c)}", f"out={plain_file(c)}"],
+                                        "that is a file, not a folder"),
+    "dataset_is_a_file": lambda c: ("train.py", c.base(plain_file(c)), "is a file; a dataset is the folder"),
+    "meta_json_torn": torn_meta,
+    "config_file_binary": binary_config,
+    "config_file_without_suffix": config_without_suffix,
+    "key_without_value": lambda c: ("train.py", [*c.base(), "batch_size", "32"], "batch_size needs a value"),
+    "teacher_layers_not_numbers": lambda c: ("distill.py", [*c.base(), f"teacher={c.trained}", "n_embd=32",
+                                                            "student_init=teacher_layers", "teacher_layers=a,b"],
+                                             "teacher_layers='a,b': 'a' is not a valid int"),
+    "start_file_binary": lambda c: ("sample.py", [f"source={c.trained}", f"start=FILE:{c.trained}/ckpt.pt"],
+                                    "ckpt.pt: not UTF-8 text"),
+    "evaluate_text_binary": lambda c: ("evaluate.py", [f"models={c.trained}", f"text={c.trained}/ckpt.pt"],
+                                       "ckpt.pt: not UTF-8 text"),
+    "prompts_file_is_a_folder": lambda c: ("sample.py", [f"source={c.trained}", f"prompts={c.data}",
+                                                         f"out={c.tmp / 'o.jsonl'}"],
+                                           "that is a folder; name a text file"),
+}
+
+# a file that is no checkpoint, wherever a checkpoint is read
+NOT_A_CHECKPOINT = "is not a checkpoint (not a torch zip or pickle file)"
+CHECKPOINT_CASES = {
+    "teacher_text_file": lambda c: ("distill.py", [*c.base(), f"teacher={plain_file(c)}"], NOT_A_CHECKPOINT),
+    "init_from_text_file": lambda c: ("train.py", [*c.base(), f"init_from={plain_file(c)}"], NOT_A_CHECKPOINT),
+    "sample_text_file": lambda c: ("sample.py", [f"source={plain_file(c)}"], NOT_A_CHECKPOINT),
+    "evaluate_text_file": lambda c: ("evaluate.py", [f"models={plain_file(c)}", f"dataset={c.data}"],
+                                     NOT_A_CHECKPOINT),
+    "teacher_empty_file": lambda c: ("distill.py", [*c.base(), f"teacher={plain_file(c, 'empty.pt', '')}"],
+                                     "empty.pt is empty (0 bytes): not a checkpoint"),
+}
+
 CASES = {
     "unknown_key": lambda c: ("train.py", [*c.base(), "nonsense_key=3"], "unknown config key 'nonsense_key'"),
     "wrong_type": lambda c: ("train.py", [*c.base(), "max_iters=fast"], "max_iters='fast' is a str"),
@@ -173,6 +244,8 @@ CASES = {
         "distill.py", [*c.base(), "teacher=" + str(c.hf_folder(config=TORN_JSON))], "config.json"),
     "hf_teacher_config_missing_sizes": lambda c: (
         "distill.py", [*c.base(), f"teacher={c.hf_folder(config='{}')}"], "n_layer"),
+    **LIMIT_CASES,
+    **CHECKPOINT_CASES,
 }
 
 

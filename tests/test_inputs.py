@@ -43,15 +43,20 @@ def test_files_folders_and_globs(tmp_path):
         expand_files(f"{d}/a.txt,{d}/nope*.txt", ("txt",))
 
 
-def test_text_files_not_utf8_or_missing(tmp_path):
+def test_text_files_not_utf8_binary_folders_or_missing(tmp_path):
     path = tmp_path / "t.txt"
     path.write_bytes(b"\xef\xbb\xbfline one\nline two \xff\n")
     with pytest.raises(UserError, match=r"t.txt:2: not UTF-8 text \(byte 22 of the file\)"):
-        read_text_file(str(path), "text")
+        read_text_file(str(path), "text=")
     path.write_bytes(b"\xef\xbb\xbfline one\n")
-    assert read_text_file(str(path), "text") == "line one\n"  # without the byte-order mark
+    assert read_text_file(str(path), "text=") == "line one\n"  # without the byte-order mark
+    path.write_bytes(b"PK\x03\x04\x00\x00\x08\x00\xff\xfe")  # the start of a zip archive
+    with pytest.raises(UserError, match=r"^start=FILE:.*t.txt: not UTF-8 text but a binary file"):
+        read_text_file(str(path), "start=FILE:")
     with pytest.raises(UserError, match="text=.*nope.txt: file not found"):
-        read_text_file(str(tmp_path / "nope.txt"), "text")
+        read_text_file(str(tmp_path / "nope.txt"), "text=")
+    with pytest.raises(UserError, match="text=.*: that is a folder; name a text file"):
+        read_text_file(str(tmp_path), "text=")
 
 
 def test_timestamped_names_never_collide(tmp_path, monkeypatch):

@@ -98,7 +98,7 @@ def test_learns_below_unigram_entropy(char_data, tmp_path):
 BAD = [
     (["nonsense_key=3"], "unknown config key 'nonsense_key'"),
     (["max_iter=3"], "did you mean max_iters"),
-    (["max_iters=fast"], "max_iters='fast' is a str, expected a int"),
+    (["max_iters=fast"], "max_iters='fast' is a str, expected an int"),
     (["missing_config.py"], "config file not found"),
     (["dataset=/nonexistent/data"], "data folder not found"),
     (["block_size=100000"], "lower block_size"),
