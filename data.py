@@ -72,15 +72,22 @@ class BinDataset:
         return _windows_at(self.tokens[split], self.masks.get(split), starts, T)
 
     def batch(self, split, batch_size, block_size, seed, step, micro, world_size=1, rank=0):
-        """Rows micro*world+rank of the global batch of optimizer step `step`. The global batch is
-        the same whatever the world size, so 2 ranks x 1 micro-step = 1 rank x 2 micro-steps."""
-        rows = batch_size * (micro * world_size + rank + 1)
-        rng = np.random.default_rng([seed, step, 0 if split == "train" else 1])
-        starts = rng.integers(0, len(self.tokens[split]) - block_size, size=rows)[-batch_size:]
+        """Rows micro*world+rank of the global batch of optimizer step `step` (see draw)."""
+        starts = draw(len(self.tokens[split]) - block_size, split, batch_size, seed, step, micro,
+                      world_size, rank)
         return self._window(split, starts, block_size)
 
     def windows(self, split, block_size, batch_size, stride=None):
         return windows(self.tokens[split], block_size, batch_size, stride, self.masks.get(split))
+
+
+def draw(high, split, batch_size, seed, step, micro, world_size=1, rank=0):
+    """batch_size integers in [0, high): rows micro*world+rank of the global batch of optimizer step
+    `step`. The global batch is the same whatever the world size, so 2 ranks x 1 micro-step =
+    1 rank x 2 micro-steps."""
+    rows = batch_size * (micro * world_size + rank + 1)
+    rng = np.random.default_rng([seed, step, 0 if split == "train" else 1])
+    return rng.integers(0, high, size=rows)[-batch_size:]
 
 
 def _windows_at(tokens, mask, starts, T):
