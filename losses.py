@@ -32,6 +32,17 @@ pays for as much as for the model's matmuls. With z = logits / T, per counted ro
   jsd         dL/dz = (1-b) p_s * (log p_s - log m - KL(p_s || m))
   and dL/dlogits = T^2 * w * dL/dz / T = T * w * dL/dz;
   cross-entropy with label smoothing e: dL/dlogits = w * (p - (1 - e) onehot(y) - e / V).
+
+From a teacher cache (cache_teacher.py) the teacher is known only as T=1 log-probabilities: of the
+whole vocabulary (top_k=0: the loss is then exactly the online one, since tempering log-probs is
+tempering logits), or of its top-k tokens plus the log of the mass outside them. The divergence is
+then taken over those k + 1 buckets, between the teacher's and the student's distributions both
+coarse-grained to (support, rest) and each tempered as a (k + 1)-outcome distribution,
+softmax(log q / T), so it is zero when the student equals the teacher. At T = 1 it is the
+divergence of the coarse-grained distributions: a lower bound on the full one (coarse-graining
+never increases an f-divergence), equal to it when the two rests are proportional. At T != 1 the
+rest is tempered as one outcome, which the full tempered distributions do not do: the cache does
+not hold the rest's shape. _support_rows holds the gradient through the coarse-graining.
 """
 import math
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from configurator import UserError
 from data import BinDataset, draw
+from losses import TEACHER_BLOCK, default_chunk_rows
 
 FORMAT = 1
 LOGP, IDS, META, PROGRESS = "logp.bin", "ids.bin", "meta.json", "progress.bin"
@@ -34,7 +35,6 @@ LOGP, IDS, META, PROGRESS = "logp.bin", "ids.bin", "meta.json", "progress.bin"
 # mantissa is 8x finer than bfloat16's 7 (a log-prob near -10 is off by <0.004, not <0.03)
 DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16),
           "float32": (np.float32, torch.float32)}
-HEAD_ELEMENTS = 1 << 25  # teacher logits formed this many at a time (128 MiB of float32)
 
 
 # ---------------------------------------------------------------- identities
@@ -109,22 +109,26 @@ def dataset_sha256(data):
 # ---------------------------------------------------------------- layout and meta
 
 
-def make_meta(teacher, data, block_size, top_k, cache_dtype, batch_size):
-    """meta.json of a cache before it is complete; its "id" names the default folder."""
-    V, T = data.vocab_size, block_size
-    windows = (len(data.tokens["train"]) - 1) // T
-    ids_dtype = None if top_k == 0 else ("uint16" if V <= 1 << 16 else "uint32")
-    cols = V if top_k == 0 else top_k + 1
+def layout(vocab_size, block_size, top_k, cache_dtype, batch_size, windows):
+    """The shape of a cache's files: columns, dtypes, sizes and blocks."""
+    ids_dtype = None if top_k == 0 else ("uint16" if vocab_size <= 1 << 16 else "uint32")
+    cols = vocab_size if top_k == 0 else top_k + 1
     value_bytes = np.dtype(DTYPES[cache_dtype][0]).itemsize
     id_bytes = 0 if ids_dtype is None else np.dtype(ids_dtype).itemsize
+    rows = windows * block_size
+    files = {LOGP: rows * cols * value_bytes, **({IDS: rows * top_k * id_bytes} if ids_dtype else {})}
+    return dict(vocab_size=vocab_size, block_size=block_size, top_k=top_k, columns=cols,
+                cache_dtype=cache_dtype, ids_dtype=ids_dtype, windows=windows, tokens=rows,
+                bytes_per_token=cols * value_bytes + top_k * id_bytes, batch_size=batch_size, files=files)
+
+
+def make_meta(teacher, data, block_size, top_k, cache_dtype, batch_size):
+    """meta.json of a cache before it is complete; its "id" names the default folder."""
+    windows = (len(data.tokens["train"]) - 1) // block_size
     meta = dict(format=FORMAT, teacher=teacher,
                 dataset=dict(path=os.path.normpath(data.dir), sha256=dataset_sha256(data)),
-                tokenizer=data.tokenizer, vocab_size=V, block_size=T, top_k=top_k, columns=cols,
-                cache_dtype=cache_dtype, ids_dtype=ids_dtype, windows=windows, tokens=windows * T,
-                bytes_per_token=cols * value_bytes + top_k * id_bytes, batch_size=batch_size,
-                files={LOGP: windows * T * cols * value_bytes})
-    if ids_dtype:
-        meta["files"][IDS] = windows * T * top_k * id_bytes
+                tokenizer=data.tokenizer,
+                **layout(data.vocab_size, block_size, top_k, cache_dtype, batch_size, windows))
     key = {k: meta[k] for k in ("teacher", "dataset", "block_size", "top_k", "cache_dtype")}
     meta["id"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return meta
@@ -225,32 +229,55 @@ def finish(folder, meta):
 # ---------------------------------------------------------------- computing and writing blocks
 
 
+def _scores(states, heads, log_weights, rows, V, autocast):
+    """(n, V) float32 scores whose softmax is the teachers' mixture on these rows: one teacher's
+    logits as they are (the log-softmax is left to the caller's one normalising pass), several
+    teachers' log(w_j p_j) summed in probability space."""
+    if len(heads) == 1:
+        with autocast():
+            return F.linear(states[0][rows], heads[0][:V]).float()
+    mixture = None
+    for h, head, lw in zip(states, heads, log_weights):
+        with autocast():
+            logits = F.linear(h[rows], head[:V])
+        lp = F.log_softmax(logits.float(), dim=-1).add_(lw)
+        mixture = lp if mixture is None else torch.logaddexp(mixture, lp, out=mixture)
+    return mixture
+
+
+def _top_k_columns(z, top_k):
+    """(n, top_k + 1) log-probabilities of the top-k and of the rest, and the (n, top_k) ids, from
+    (n, V) scores (overwritten). The rest's log-mass comes from its own terms (log(1 - sum(top))
+    cancels when the top-k holds nearly all of it); max, exp and sum in place, not logsumexp,
+    which on CPU took 3x as long and allocates a temporary the size of z."""
+    top, idx = z.topk(top_k, dim=-1, sorted=True)
+    z.scatter_(1, idx, float("-inf"))
+    peak = z.amax(-1, keepdim=True)
+    rest = z.sub_(peak).exp_().sum(-1, keepdim=True).log_().add_(peak)
+    norm = torch.logaddexp(rest, top.logsumexp(-1, keepdim=True))
+    return torch.cat([top, rest], 1).sub_(norm), idx.int()
+
+
 @torch.no_grad()
 def teacher_rows(hidden, heads, log_weights, x, V, top_k, autocast):
     """The cached columns of every position of x (B, T), on x's device, rows in window-major order:
-    (values (B*T, cols) float32, ids (B*T, top_k) int32 or None). values are the mixture's
-    log-probabilities log sum_j w_j p_j (one teacher: its own), top-k taken on the device."""
+    (values (B*T, cols) float32, ids (B*T, top_k) int32 or None). values are the T=1
+    log-probabilities of the teachers' mixture sum_j w_j p_j (one teacher: its own), top-k taken
+    on the device. Logits are formed TEACHER_BLOCK loss chunks at a time, as in losses.py; on CPU
+    each chunk is then reduced while it is still in cache (on CUDA the launches would cost more)."""
     with autocast():
         states = [h(x).reshape(-1, head.size(1)) for h, head in zip(hidden, heads)]
-    rows = max(1, HEAD_ELEMENTS // V)
+    chunk = default_chunk_rows(V)
     values, ids = [], []
-    for i in range(0, states[0].size(0), rows):
-        logp = None
-        for h, head, lw in zip(states, heads, log_weights):
-            with autocast():
-                logits = F.linear(h[i:i + rows], head[:V])
-            lp = F.log_softmax(logits.float(), dim=-1)
-            lp = lp if lw == 0.0 else lp.add_(lw)
-            logp = lp if logp is None else torch.logaddexp(logp, lp, out=logp)
-        if top_k == 0:
-            values.append(logp)
-            continue
-        top, idx = logp.topk(top_k, dim=-1, sorted=True)
-        # the rest's log-mass from its own terms: log(1 - sum(top)) cancels when the top-k holds
-        # nearly all of it
-        rest = logp.scatter_(1, idx, float("-inf")).logsumexp(-1, keepdim=True)
-        values.append(torch.cat([top, rest], 1))
-        ids.append(idx.int())
+    for i in range(0, states[0].size(0), chunk * TEACHER_BLOCK):
+        scores = _scores(states, heads, log_weights, slice(i, i + chunk * TEACHER_BLOCK), V, autocast)
+        for z in (scores,) if scores.is_cuda else scores.split(chunk):
+            if top_k == 0:
+                values.append(F.log_softmax(z, dim=-1))
+                continue
+            v, idx = _top_k_columns(z, top_k)
+            values.append(v)
+            ids.append(idx)
     return torch.cat(values), (torch.cat(ids) if ids else None)
 
 

@@ -1,6 +1,7 @@
 """The one training loop, shared by train.py and distill.py.
 
-A script builds the model and a `loss_fn(model, x, y) -> (loss, parts)`; `train()` does the rest:
+A script builds the model and a `loss_fn(model, x, y, *extra) -> (loss, parts)` (extra: what else
+the data's training batches carry, e.g. a teacher cache's tensors); `train()` does the rest:
 DDP, gradient accumulation that weighs every counted target alike, AdamW with its schedule and
 clipping (optim.py), autocast (runtime.py), evaluation, exact resume (a micro-batch's rows and
 dropout masks are drawn from (seed, step, its place in the global batch)), checkpoints,
@@ -320,8 +321,9 @@ def final_eval(model, data, cfg, rt, metrics, step):
 
 
 def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None):
-    """Train `model` on `data` with `loss_fn(model, x, y) -> (loss, {name: tensor})`, both means
-    over the counted targets of one micro-batch.
+    """Train `model` on `data` with `loss_fn(model, x, y, *extra) -> (loss, {name: tensor})`, both
+    means over the counted targets (y >= 0) of one micro-batch; extra is the rest of what
+    data.batch returns for the train split (nothing for a BinDataset).
 
     resume: a loaded checkpoint to continue from exactly. extra_state: plain values stored in every
     checkpoint (e.g. the tokenizer). Returns the final (exact) val loss or None.
