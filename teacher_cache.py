@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 from configurator import UserError
 from data import BinDataset, draw
 from losses import TEACHER_BLOCK, default_chunk_rows
@@ -76,7 +77,6 @@ def model_sha256(model):
 def load_teachers(spec, data):
     """The teachers teacher=spec names, on the CPU, checked against the dataset's tokenizer:
     (models, weights, identity), identity = sources, weights, per-teacher and combined hashes."""
-    import checkpoint
     sources, weights = parse_teachers(spec)
     models, hashes = [], []
     for source in sources:
@@ -102,8 +102,8 @@ def file_sha256(path):
 
 def dataset_sha256(data):
     """Identity of what a cache was computed from: train.bin and its meta.json."""
-    meta = json.dumps(data.meta, sort_keys=True).encode()
-    return hashlib.sha256((file_sha256(os.path.join(data.dir, "train.bin")) + ":").encode() + meta).hexdigest()
+    meta = json.dumps(data.meta, sort_keys=True)
+    return hashlib.sha256(f"{file_sha256(os.path.join(data.dir, 'train.bin'))}:{meta}".encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- layout and meta
@@ -129,8 +129,8 @@ def make_meta(teacher, data, block_size, top_k, cache_dtype, batch_size):
                 dataset=dict(path=os.path.normpath(data.dir), sha256=dataset_sha256(data)),
                 tokenizer=data.tokenizer,
                 **layout(data.vocab_size, block_size, top_k, cache_dtype, batch_size, windows))
-    key = {k: meta[k] for k in ("teacher", "dataset", "block_size", "top_k", "cache_dtype")}
-    meta["id"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    key = [teacher["id"], meta["dataset"]["sha256"], block_size, top_k, cache_dtype]
+    meta["id"] = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:10]
     return meta
 
 
@@ -156,22 +156,23 @@ def _write_json(path, obj):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
+    checkpoint.fsync_dir(os.path.dirname(path) or ".")
 
 
-def _fsync_dir(path):
-    fd = os.open(path or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _settings(meta):
+    """What a cache is, without what only describes it (paths as typed) or changes as it is written."""
+    settings = {k: v for k, v in meta.items() if k != "complete"}
+    settings["teacher"] = {k: v for k, v in meta["teacher"].items() if k != "sources"}
+    settings["dataset"] = meta["dataset"]["sha256"]
+    return settings
 
 
 def _differs(old, new):
     """The first setting (in make_meta's order: causes before their consequences) in which two
     metas differ, as 'key: old (now new)', or None."""
+    old, new = _settings(old), _settings(new)
     for key in [*new, *(k for k in old if k not in new)]:
-        if key != "complete" and old.get(key) != new.get(key):
+        if old.get(key) != new.get(key):
             return f"{key}: {json.dumps(old.get(key))[:80]} (now {json.dumps(new.get(key))[:80]})"
     return None
 
@@ -223,7 +224,7 @@ def finish(folder, meta):
                         f"written (a rank failed?); rerun the same command to finish the cache")
     _write_json(os.path.join(folder, META), dict(meta, complete=True))
     os.remove(os.path.join(folder, PROGRESS))
-    _fsync_dir(folder)
+    checkpoint.fsync_dir(folder)
 
 
 # ---------------------------------------------------------------- computing and writing blocks
@@ -281,6 +282,13 @@ def teacher_rows(hidden, heads, log_weights, x, V, top_k, autocast):
     return torch.cat(values), (torch.cat(ids) if ids else None)
 
 
+def _pwrite_all(fd, buf, offset):
+    # one pwrite moves at most ~2 GiB on Linux, and may move less
+    while buf:
+        n = os.pwrite(fd, buf, offset)
+        buf, offset = buf[n:], offset + n
+
+
 class Writer:
     """Writes blocks into a cache folder's preallocated files from a background thread, so the
     device computes the next block while this one goes to disk; a block's byte in progress.bin
@@ -316,7 +324,7 @@ class Writer:
             try:
                 first_row = block * self.meta["batch_size"] * self.meta["block_size"]
                 for name, array in data.items():
-                    os.pwrite(self.fds[name], array.tobytes(), first_row * self.row_bytes[name])
+                    _pwrite_all(self.fds[name], memoryview(array).cast("B"), first_row * self.row_bytes[name])
                 for name in data:
                     os.fsync(self.fds[name])
                 os.pwrite(self.progress, b"\x01", block)
