@@ -17,7 +17,7 @@ from configurator import UserError, run
 from data import BinDataset
 from losses import KINDS, cached_kd_loss_fn, kd_loss_fn
 from runtime import Runtime
-from teacher_cache import CachedDataset, TeacherCache, load_teachers, same_tokenizer
+from teacher_cache import CachedDataset, TeacherCache, load_teachers
 from trainer import DEFAULTS as TRAIN_DEFAULTS
 from trainer import init_model, train
 
@@ -40,7 +40,8 @@ def load_teacher(cfg, data, rt):
         raise UserError(f"distill_type={cfg['distill_type']} needs teacher=<out_dir | HF folder | gpt2 name>")
     teacher, tok, _ = checkpoint.load_model(cfg["teacher"], rt.device)
     mine = data.tokenizer
-    if not same_tokenizer(tok, mine):
+    if tok.get("tokenizer") != mine.get("tokenizer") or tok.get("vocab_size") != mine.get("vocab_size") \
+            or tok.get("chars") != mine.get("chars"):
         raise UserError(f"teacher {cfg['teacher']} uses tokenizer {tok.get('tokenizer')} (vocab "
                         f"{tok.get('vocab_size')}) but {cfg['dataset']} was prepared with "
                         f"{mine.get('tokenizer')} (vocab {mine.get('vocab_size')}): teacher and "

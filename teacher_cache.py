@@ -41,9 +41,11 @@ DTYPES = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.
 # ---------------------------------------------------------------- identities
 
 
-def same_tokenizer(a, b):
-    """Whether two tokenizer descriptions (a checkpoint's, a dataset meta's) spell tokens alike."""
-    return all(a.get(key) == b.get(key) for key in ("tokenizer", "vocab_size", "chars"))
+def check_tokenizer(a_label, a, b_label, b, hint):
+    """Refuse two tokenizer records (a checkpoint's, a dataset meta's) that spell tokens differently."""
+    if any(a.get(key) != b.get(key) for key in ("tokenizer", "vocab_size", "chars")):
+        raise UserError(f"{a_label} uses tokenizer {a.get('tokenizer')} (vocab {a.get('vocab_size')}) "
+                        f"but {b_label} uses {b.get('tokenizer')} (vocab {b.get('vocab_size')}): {hint}")
 
 
 def parse_teachers(spec):
@@ -81,11 +83,8 @@ def load_teachers(spec, data):
     models, hashes = [], []
     for source in sources:
         model, tok, _ = checkpoint.load_model(source)
-        if not same_tokenizer(tok, data.tokenizer):
-            raise UserError(f"teacher {source} uses tokenizer {tok.get('tokenizer')} (vocab "
-                            f"{tok.get('vocab_size')}) but {data.dir} was prepared with "
-                            f"{data.tokenizer.get('tokenizer')} (vocab {data.vocab_size}): every "
-                            f"teacher must share the data's tokenizer")
+        check_tokenizer(f"teacher {source}", tok, f"dataset {data.dir}", data.tokenizer,
+                        "every teacher must share the data's tokenizer")
         models.append(model.eval().requires_grad_(False))
         hashes.append(model_sha256(model))
     combined = hashlib.sha256(json.dumps([hashes, weights]).encode()).hexdigest()
@@ -379,10 +378,8 @@ class TeacherCache:
     def check(self, data, block_size, teacher_id=None):
         """Refuse a cache that was not written for this data, context and (if given) teacher."""
         meta, where = self.meta, self.folder
-        if not same_tokenizer(meta["tokenizer"], data.tokenizer):
-            raise UserError(f"{where} was written with tokenizer {meta['tokenizer'].get('tokenizer')} "
-                            f"(vocab {meta['vocab_size']}) but {data.dir} uses "
-                            f"{data.tokenizer.get('tokenizer')} (vocab {data.vocab_size})")
+        check_tokenizer(f"teacher cache {where}", meta["tokenizer"], f"dataset {data.dir}",
+                        data.tokenizer, "distill from a cache written for this dataset")
         if meta["dataset"]["sha256"] != dataset_sha256(data):
             raise UserError(f"{where} was written from {meta['dataset']['path']}, whose train split "
                             f"differs from dataset={data.dir}: use that dataset or write a cache for this one")
