@@ -4,6 +4,7 @@ machine and side by side with transformers' GPT2LMHeadModel in the same run.
     python bench.py                                   # the 6x384 model, fp32 on CPU, bf16 on CUDA
     python bench.py compile=True parts=train,distill
     python bench.py dtype=bfloat16 n_layer=12 n_head=12 n_embd=768 block_size=1024 batch_size=16
+    python bench.py parts=cached,cache_write          # distilling from a teacher cache, writing one
 
 Each figure is the median of up to `repeats` timed calls after `warmup` untimed ones, with min and
 max. Variants compared by a ratio are timed round-robin in one loop, so a change in machine load
@@ -23,13 +24,15 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
 from configurator import OUT_FILE, UserError, run
 from inputs import comma_list, timestamped
-from losses import ce_loss_fn, default_chunk_rows, hard_loss, kd_loss_fn
+import teacher_cache
+from losses import cached_kd_loss_fn, ce_loss_fn, default_chunk_rows, hard_loss, kd_loss_fn
 from model import GPT, GPTConfig
 from optim import apply_gradients, make_optimizer
 from runtime import DTYPE_CHOICES, Runtime, measure_peak_flops
@@ -41,6 +44,10 @@ DEFAULTS = dict(
     vocab_size=50257,  # the tokenizer's vocabulary (ours pads it to a multiple of 64)
     teacher_n_layer=12, teacher_n_head=6, teacher_n_embd=384,  # the distill step's teacher
     chunk_rows=0,  # rows per chunk of the CE and KD losses; 0: about 4M logits, as train.py/distill.py
+    top_k=64,  # the teacher cache of the cached and cache_write parts: top-k kept per token
+    cache_dtype="float16",  # ... and the dtype of its log-probabilities
+    cache_blocks=4,  # blocks of batch_size windows per timed cache write
+    cache_dir="",  # where cache_write writes (its disk is part of the figure); empty: the temp dir
     device="auto",  # auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps
     dtype="auto",  # auto: bfloat16 on CUDA, float32 on CPU (float16 steps through a grad scaler)
     compile=False,  # torch.compile both implementations
@@ -51,7 +58,7 @@ DEFAULTS = dict(
     gen_tokens=(128, 512),  # generation lengths timed
     gen_batch=1,  # rows generated together
     prompt_len=16,  # prompt tokens before generation
-    parts="train,distill,generate,memory",  # comma-separated parts to run
+    parts="train,distill,generate,memory,cached,cache_write",  # comma-separated parts to run
     hf=True,  # time transformers' GPT2LMHeadModel beside ours
     out="",  # the JSON results; empty: out/bench/<timestamp>.json
     seed=0,  # seed of the weights and the batches
@@ -61,9 +68,9 @@ LIMITS = dict(
     vocab_size="[1, inf)", teacher_n_layer="[1, inf)", teacher_n_head="[1, inf)", teacher_n_embd="[1, inf)",
     chunk_rows="[0, inf)", dtype=DTYPE_CHOICES, threads="[0, inf)", warmup="[0, inf)", repeats="[1, inf)",
     max_time="(0, inf)", gen_tokens="[1, inf)", gen_batch="[1, inf)", prompt_len="[1, inf)", out=OUT_FILE,
-    seed="[0, inf)",
+    seed="[0, inf)", top_k="[0, inf)", cache_dtype=teacher_cache.DTYPES, cache_blocks="[1, inf)",
 )
-PARTS = ("train", "distill", "generate", "memory")
+PARTS = ("train", "distill", "generate", "memory", "cached", "cache_write")
 OPTIM = dict(learning_rate=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, layer_lr_decay=1.0)
 KD = dict(alpha=0.5, kind="forward_kl", temperature=2.0)  # distill.py's defaults
 FLOP_FORMULA = "training FLOPs/token = 6N + 12*L*C*T (N: parameters minus position embeddings)"
@@ -225,6 +232,72 @@ def bench_distill(cfg, rt, sync):
     return result
 
 
+def cache_rows(cfg, teacher, x, rt):
+    """teacher_cache.teacher_rows of one teacher: what cache_teacher.py computes for a block."""
+    return teacher_cache.teacher_rows([teacher.hidden_states], [teacher.lm_head.weight], [0.0], x,
+                                      cfg["vocab_size"], cfg["top_k"], rt.autocast)
+
+
+def bench_cached(cfg, rt, sync):
+    """A distill step from a teacher cache (no teacher in memory) against a CE step: the cached
+    tensors are a real teacher's top-k in cache_dtype, as CachedDataset hands them over."""
+    x, y = batch(cfg, rt.device)
+    tokens = cfg["batch_size"] * cfg["block_size"]
+    torch.manual_seed(cfg["seed"])
+    values, ids = cache_rows(cfg, teacher_model(cfg, rt.device), x, rt)
+    cached = [values.to(teacher_cache.DTYPES[cfg["cache_dtype"]][1]).view(*x.shape, -1)]
+    if ids is not None:
+        cached.append(ids.long().view(*x.shape, -1))
+    kd_fn = cached_kd_loss_fn(cfg["vocab_size"], KD["alpha"], KD["kind"], KD["temperature"],
+                              chunk_rows=cfg["chunk_rows"])
+    fns = {"cached_step": make_step(maybe_compile(GPT(student_config(cfg)).to(rt.device), cfg),
+                                    lambda m, x, y: kd_fn(m, x, y, *cached), x, y, rt)[0],
+           "ce_step": make_step(maybe_compile(GPT(student_config(cfg)).to(rt.device), cfg), ce(cfg), x, y, rt)[0]}
+    times = timed(fns, cfg, sync)
+    result = {name: dict(seconds=summary(t), tokens_per_s=summary(t, tokens)) for name, t in times.items()}
+    result["ratio_cached_over_ce"] = statistics.median(times["cached_step"]) / statistics.median(times["ce_step"])
+    result["cache"] = dict(top_k=cfg["top_k"], cache_dtype=cfg["cache_dtype"], **KD)
+    return result
+
+
+def bench_cache_write(cfg, rt, sync):
+    """Writing a cache (teacher forward, top-k on the device, the writer thread's pwrite + fsync)
+    against the teacher's bare forward to logits, over the same cache_blocks blocks."""
+    B, T = cfg["batch_size"], cfg["block_size"]
+    torch.manual_seed(cfg["seed"])
+    teacher = teacher_model(cfg, rt.device)
+    g = torch.Generator().manual_seed(cfg["seed"])
+    xs = [torch.randint(0, cfg["vocab_size"], (B, T), generator=g).to(rt.device) for _ in range(cfg["cache_blocks"])]
+    meta = teacher_cache.layout(cfg["vocab_size"], T, cfg["top_k"], cfg["cache_dtype"], B, B * len(xs))
+    folder = tempfile.mkdtemp(prefix="bench_cache_", dir=cfg["cache_dir"] or None)
+
+    def write():
+        writer = teacher_cache.Writer(folder, meta)
+        for b, x in enumerate(xs):
+            writer.put(b, *cache_rows(cfg, teacher, x, rt))
+        writer.close()  # the last block fsynced: the figure counts the data on disk
+
+    @torch.no_grad()
+    def forward():
+        for x in xs:
+            with rt.autocast():
+                teacher(x)
+    try:
+        teacher_cache.create(folder, meta)
+        times = timed({"cache_write": write, "teacher_forward": forward}, cfg, sync)
+    finally:
+        for name in os.listdir(folder):
+            os.remove(os.path.join(folder, name))
+        os.rmdir(folder)
+    tokens = B * T * len(xs)
+    result = {name: dict(tokens_per_s=summary(t, tokens)) for name, t in times.items()}
+    result["ratio_write_over_forward"] = result["cache_write"]["tokens_per_s"]["median"] / \
+        result["teacher_forward"]["tokens_per_s"]["median"]
+    result["cache"] = dict(top_k=cfg["top_k"], cache_dtype=cfg["cache_dtype"], blocks=len(xs),
+                           bytes_per_token=meta["bytes_per_token"], folder=os.path.dirname(folder))
+    return result
+
+
 def bench_generate(cfg, rt, sync, hf_ok):
     # a context of at least 1024 so the longest run never slides its window
     block = max(1024, cfg["prompt_len"] + max(cfg["gen_tokens"]))
@@ -356,6 +429,11 @@ def _fmt_rate(s, pct=False):
     return f"{f(s['median']):>12} {f(s['min']):>12} {f(s['max']):>12}"
 
 
+def _seconds_rows(r, names):
+    return [f"  {name:36}{r[name]['seconds']['median']:>12.3f} {r[name]['seconds']['min']:>12.3f} "
+            f"{r[name]['seconds']['max']:>12.3f}  {r[name]['seconds']['n']}" for name in names]
+
+
 def report(res):
     lines = [f"device {res['env']['device']} ({res['env']['cpu']}), {res['env']['dtype']}, "
              f"compile={res['config']['compile']}, threads {res['env']['threads']}, "
@@ -375,10 +453,22 @@ def report(res):
         r = res["distill"]
         lines += ["", f"distill step (teacher {res['config']['teacher_n_layer']}x{res['config']['teacher_n_embd']}, "
                       f"chunk_rows={r['kd']['chunk_rows']} of {r['kd']['rows']} rows), seconds", head]
-        for name in ("distill_step", "student_step", "teacher_forward"):
-            s = r[name]["seconds"]
-            lines.append(f"  {name:36}{s['median']:>12.3f} {s['min']:>12.3f} {s['max']:>12.3f}  {s['n']}")
+        lines += _seconds_rows(r, ("distill_step", "student_step", "teacher_forward"))
         lines.append(f"  distill / (student step + teacher forward): {r['ratio_distill_over_sum']:.3f}")
+    if "cached" in res:
+        r = res["cached"]
+        lines += ["", f"distill step from a teacher cache (top_k={r['cache']['top_k']}, "
+                      f"{r['cache']['cache_dtype']}) vs CE step, seconds", head]
+        lines += _seconds_rows(r, ("cached_step", "ce_step"))
+        lines.append(f"  cached distill / CE step: {r['ratio_cached_over_ce']:.3f}")
+    if "cache_write" in res:
+        r = res["cache_write"]
+        lines += ["", f"teacher cache writing vs the teacher's bare forward, tokens/s "
+                      f"({r['cache']['blocks']} blocks, {r['cache']['bytes_per_token']} bytes/token "
+                      f"to {r['cache']['folder']})", head]
+        for name in ("cache_write", "teacher_forward"):
+            lines.append(f"  {name:36}{_fmt_rate(r[name]['tokens_per_s'])}  {r[name]['tokens_per_s']['n']}")
+        lines.append(f"  cache writing / bare forward: {r['ratio_write_over_forward']:.3f}")
     if "memory" in res:
         r = res["memory"]
         lines += ["", f"peak memory of one step above the resident model and optimizer ({r['method']})"]
@@ -403,6 +493,8 @@ def report(res):
 
 def main(cfg):
     parts = comma_list(cfg["parts"], "parts", choices=PARTS)
+    if cfg["top_k"] >= cfg["vocab_size"]:
+        raise UserError(f"top_k={cfg['top_k']} must be below vocab_size={cfg['vocab_size']} (0 keeps the whole distribution)")
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     rt = Runtime(cfg)
@@ -441,6 +533,10 @@ def main(cfg):
             res["distill"] = bench_distill(cfg, rt, sync)
         elif part == "generate":
             res["generate"] = bench_generate(cfg, rt, sync, hf_ok)
+        elif part == "cached":
+            res["cached"] = bench_cached(cfg, rt, sync)
+        elif part == "cache_write":
+            res["cache_write"] = bench_cache_write(cfg, rt, sync)
         else:
             res["memory"] = bench_memory(cfg, rt)
     res["env"]["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]

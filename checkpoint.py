@@ -22,7 +22,7 @@ LATEST, BEST = "ckpt.pt", "best.pt"
 ZIP_MAGIC, PICKLE_MAGIC = b"PK\x03\x04", b"\x80"  # torch.save's format; pickle protocol 2+
 
 
-def _fsync_dir(path):
+def fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -51,7 +51,7 @@ def save(state, out_dir, step, keep_last=2, best=False):
     _link(path, os.path.join(out_dir, LATEST))
     if best:
         _link(path, os.path.join(out_dir, BEST))
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     # only now, with the new checkpoint safely on disk, may old ones go
     steps = sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
     for old in steps[:-max(keep_last, 1)]:

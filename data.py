@@ -92,11 +92,9 @@ class BinDataset:
         return _windows_at(self.tokens[split], self.masks.get(split), starts, T)
 
     def batch(self, split, batch_size, block_size, seed, step, micro, world_size=1, rank=0):
-        """Rows micro*world+rank of the global batch of optimizer step `step`. The global batch is
-        the same whatever the world size, so 2 ranks x 1 micro-step = 1 rank x 2 micro-steps."""
-        rows = batch_size * (micro * world_size + rank + 1)
-        rng = np.random.default_rng([seed, step, 0 if split == "train" else 1])
-        starts = rng.integers(0, len(self.tokens[split]) - block_size, size=rows)[-batch_size:]
+        """Rows micro*world+rank of the global batch of optimizer step `step` (see draw)."""
+        starts = draw(len(self.tokens[split]) - block_size, split, batch_size, seed, step, micro,
+                      world_size, rank)
         return self._window(split, starts, block_size)
 
 
@@ -125,6 +123,15 @@ def _read_meta(path):
 
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def draw(high, split, batch_size, seed, step, micro, world_size=1, rank=0):
+    """batch_size integers in [0, high): rows micro*world+rank of the global batch of optimizer step
+    `step`. The global batch is the same whatever the world size, so 2 ranks x 1 micro-step =
+    1 rank x 2 micro-steps."""
+    rows = batch_size * (micro * world_size + rank + 1)
+    rng = np.random.default_rng([seed, step, 0 if split == "train" else 1])
+    return rng.integers(0, high, size=rows)[-batch_size:]
 
 
 def _windows_at(tokens, mask, starts, T):

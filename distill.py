@@ -2,6 +2,10 @@
 
     python distill.py config/distill_shakespeare_char.py teacher=out/shakespeare_teacher
     torchrun --standalone --nproc_per_node=8 distill.py config/distill_gpt2_large_to_small.py
+    python distill.py config/distill_shakespeare_char.py teacher_cache=data/shakespeare_char/teacher_<id>
+
+teacher_cache: the teacher's predictions written once by cache_teacher.py; no teacher runs (or is
+loaded, unless teacher= is also given, which is then checked to be the cache's teacher).
 
 distill_type: output = plain CE on teacher-written data (no teacher at train time);
               logit  = soft loss only;  hybrid = alpha * CE + (1 - alpha) * soft.
@@ -12,8 +16,9 @@ import checkpoint
 from configurator import UserError, run
 from data import BinDataset
 from inputs import comma_list
-from losses import KINDS, kd_loss_fn
+from losses import KINDS, cached_kd_loss_fn, kd_loss_fn
 from runtime import Runtime
+from teacher_cache import CachedDataset, TeacherCache, load_teachers
 from tokenizer import check_same
 from trainer import DEFAULTS as TRAIN_DEFAULTS
 from trainer import LIMITS as TRAIN_LIMITS
@@ -29,6 +34,7 @@ DEFAULTS = dict(
     jsd_beta=0.5,  # JSD's mixture weight of the teacher
     alpha_cos=0.0,  # weight of DistilGPT2's cosine loss on last hidden states (needs equal widths)
     student_init="",  # teacher_layers: copy embeddings, ln_f and teacher_layers' blocks; empty: init_from
+    teacher_cache="",  # a cache_teacher.py folder to distill from instead of running the teacher
     teacher_layers="",  # teacher blocks to copy, e.g. 0,2,4,7,9,11; empty: evenly spaced, ends kept
 )
 LIMITS = dict(
@@ -79,11 +85,35 @@ def init_from_teacher_layers(student, teacher, layers_spec):
     return layers
 
 
+def check(cfg):
+    """What LIMITS cannot say: combinations of keys."""
+    if cfg["teacher_cache"] and cfg["distill_type"] == "output":
+        raise UserError("teacher_cache= holds the teacher's distributions: use distill_type=logit "
+                        "or hybrid (output distillation trains on text alone)")
+    if cfg["teacher_cache"] and cfg["alpha_cos"] > 0:
+        raise UserError("alpha_cos needs the teacher's hidden states, which a teacher cache does not "
+                        "hold: set alpha_cos=0")
+
+
+def open_cache(cfg, data):
+    """The training data with the cached teacher's tensors in every batch, after checking the
+    cache against the data, block_size and (when teacher= is given too) the teacher."""
+    cache = TeacherCache(cfg["teacher_cache"])
+    teacher_id = load_teachers(cfg["teacher"], data)[2] if cfg["teacher"] else None
+    cache.check(data, cfg["block_size"], teacher_id)
+    return CachedDataset(cfg["dataset"], cache)
+
+
 def main(cfg):
+    check(cfg)
     rt = Runtime(cfg)
     try:
         data = BinDataset(cfg["dataset"])
-        teacher = None if cfg["distill_type"] == "output" else load_teacher(cfg, data, rt)
+        teacher = None
+        if cfg["teacher_cache"]:
+            data = open_cache(cfg, data)
+        elif cfg["distill_type"] != "output":
+            teacher = load_teacher(cfg, data, rt)
         student, resume = init_model(cfg, data, rt)
         if cfg["student_init"] == "teacher_layers" and resume is None:
             if teacher is None:
@@ -94,12 +124,16 @@ def main(cfg):
         if cfg["alpha_cos"] > 0 and teacher is not None and teacher.config.n_embd != student.config.n_embd:
             raise UserError(f"alpha_cos needs equal widths: student n_embd={student.config.n_embd}, "
                             f"teacher {teacher.config.n_embd}; set alpha_cos=0")
-        if cfg["distill_type"] == "output":
-            teacher = None  # output distillation learns from the text alone
+        if cfg["distill_type"] == "output" or cfg["teacher_cache"]:
+            teacher = None  # output distillation learns from the text alone, a cached one from disk
         alpha = cfg["alpha"] if cfg["distill_type"] == "hybrid" else 0.0  # logit: CE logged, not learned
-        loss_fn = kd_loss_fn(teacher, student.config.vocab_size, alpha, cfg["kd_loss"], cfg["temperature"],
-                             cfg["jsd_beta"], cfg["label_smoothing"], cfg["chunk_rows"], cfg["alpha_cos"],
-                             compile_teacher=cfg["compile"])
+        if cfg["teacher_cache"]:
+            loss_fn = cached_kd_loss_fn(student.config.vocab_size, alpha, cfg["kd_loss"], cfg["temperature"],
+                                        cfg["jsd_beta"], cfg["label_smoothing"], cfg["chunk_rows"])
+        else:
+            loss_fn = kd_loss_fn(teacher, student.config.vocab_size, alpha, cfg["kd_loss"],
+                                 cfg["temperature"], cfg["jsd_beta"], cfg["label_smoothing"],
+                                 cfg["chunk_rows"], cfg["alpha_cos"], compile_teacher=cfg["compile"])
         train(cfg, student, data, loss_fn, rt, resume,
               extra_state=dict(tokenizer=data.tokenizer, teacher=cfg["teacher"]))
     finally:

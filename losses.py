@@ -32,6 +32,17 @@ pays for as much as for the model's matmuls. With z = logits / T, per counted ro
   jsd         dL/dz = (1-b) p_s * (log p_s - log m - KL(p_s || m))
   and dL/dlogits = T^2 * w * dL/dz / T = T * w * dL/dz;
   cross-entropy with label smoothing e: dL/dlogits = w * (p - (1 - e) onehot(y) - e / V).
+
+From a teacher cache (cache_teacher.py) the teacher is known only as T=1 log-probabilities: of the
+whole vocabulary (top_k=0: the loss is then exactly the online one, since tempering log-probs is
+tempering logits), or of its top-k tokens plus the log of the mass outside them. The divergence is
+then taken over those k + 1 buckets, between the teacher's and the student's distributions both
+coarse-grained to (support, rest) and each tempered as a (k + 1)-outcome distribution,
+softmax(log q / T), so it is zero when the student equals the teacher. At T = 1 it is the
+divergence of the coarse-grained distributions: a lower bound on the full one (coarse-graining
+never increases an f-divergence), equal to it when the two rests are proportional. At T != 1 the
+rest is tempered as one outcome, which the full tempered distributions do not do: the cache does
+not hold the rest's shape. _support_rows holds the gradient through the coarse-graining.
 """
 import math
 
@@ -131,36 +142,89 @@ def _hard_rows(log_p, y, eps, with_grad):
     return nll, g.scatter_add_(1, y, torch.full_like(g[:, :1], eps - 1))
 
 
-def _chunked(s, t, head, w, kind, T, beta, V, chunk_rows, with_grad, hard=None):
+def _full_rows(s, log_pt, y, wi, kind, T, beta, V, with_grad, hard):
+    """One chunk over the whole vocabulary: per-row divergence and cross-entropy (None where not
+    asked) and dL/dlogits of (1 - alpha) * divergence * T^2 + alpha * CE, weighted by wi."""
+    div = nll = g = None
+    log_ps = _log_probs(s, V, T)
+    if log_pt is not None:
+        div, g = _divergence(log_ps, log_pt, kind, beta, with_grad)
+        if with_grad:
+            g.mul_(T * (1 if hard is None else 1 - hard[1]) * wi[:, None])
+    if hard is not None:
+        _, alpha, eps = hard
+        # at T = 1 the student's log-probabilities serve both losses
+        log_p1 = log_ps if T == 1.0 else _log_probs(s, V, 1.0)
+        nll, gh = _hard_rows(log_p1, y, eps, with_grad and alpha > 0)
+        if gh is not None:
+            g = gh.mul_(alpha * wi[:, None]) if g is None else g.addcmul_(gh, alpha * wi[:, None])
+    return div, nll, g
+
+
+def _support_rows(s, log_pt, ids, y, wi, kind, T, beta, V, with_grad, hard):
+    """_full_rows against a teacher known on a support of k token ids per row plus the log of its
+    mass outside them (a top-k cache): the divergence is taken over the k + 1 buckets (support,
+    rest). The student's buckets are its T=1 log-probabilities gathered on the support and the log
+    of its remaining mass a_rest; both sides are then tempered as (k + 1)-outcome distributions.
+    With G = dL/d(buckets) and P the student's T=1 probabilities, the chain rule through the
+    buckets gives dL/dz_i = G_j - P_i sum(G) on the support's j-th id i and
+    P_i (G_rest / P_rest - sum(G)) elsewhere (sum(G) is 0 up to rounding: kept, it is free)."""
+    k = ids.size(1)
+    log_p1 = _log_probs(s, V, 1.0)
+    p = log_p1.exp()
+    p_top = p.gather(1, ids)
+    # the rest's mass summed from its own terms: 1 - sum(p_top) cancels when the support holds
+    # nearly all of it; tiny (not 0) if every term underflows, so its log stays finite
+    rest = p.scatter_(1, ids, 0.0).sum(-1).clamp_(min=torch.finfo(torch.float32).tiny)
+    buckets = torch.cat([log_p1.gather(1, ids), rest.log()[:, None]], 1)
+    log_ps = F.log_softmax(buckets if T == 1.0 else buckets / T, dim=-1)
+    div, gb = _divergence(log_ps, log_pt, kind, beta, with_grad)
+    alpha, eps = (0.0, 0.0) if hard is None else hard[1:]
+    nll = None if hard is None else _hard_rows(log_p1, y, eps, False)[0]
+    if not with_grad:
+        return div, nll, None
+    G = gb.mul_(T * (1 - alpha) * wi[:, None])
+    G_sum = G.sum(-1)
+    c = alpha * wi  # the cross-entropy's alpha * w (P - (1 - eps) onehot(y) - eps / V), folded in
+    g = p.mul_((G[:, k] / rest - G_sum + c)[:, None])  # p is 0 on the support since the scatter
+    g.scatter_(1, ids, G[:, :k] + p_top * (c - G_sum)[:, None])
+    if alpha > 0:
+        if eps:
+            g.sub_((eps / V) * c[:, None])
+        g.scatter_add_(1, y.clamp(min=0)[:, None], ((eps - 1) * c)[:, None])
+    return div, nll, g
+
+
+def _chunked(s, t, head, w, kind, T, beta, V, chunk_rows, with_grad, hard=None, ids=None):
     """Weighted divergence sum over rows (times T^2), one chunk of rows at a time, and its gradient
     w.r.t. the student logits. hard = (targets, alpha, eps) also sums the cross-entropy over the
     same rows and makes the gradient that of alpha * CE + (1 - alpha) * divergence; with no
-    teacher (t None) the cross-entropy is all there is."""
+    teacher (t None) the cross-entropy is all there is. With ids, t holds the teacher's T=1
+    log-probabilities on those ids plus its rest (see _support_rows)."""
     grad = None
     if with_grad:
         grad = torch.empty_like(s)  # every chunk's real columns are written below; padded stay 0
         grad[:, V:] = 0
     total = torch.zeros((), dtype=torch.float32, device=s.device)
     hard_total = torch.zeros((), dtype=torch.float32, device=s.device)
-    teacher = None if t is None else _teacher_chunks(t, head, V, T, chunk_rows)
+    # tempering the k + 1 cached buckets is the same log-softmax as tempering logits
+    teacher = None if t is None else _teacher_chunks(t, head, V if ids is None else t.size(1), T, chunk_rows)
+    y = None if hard is None else hard[0]
     for i in range(0, s.size(0), chunk_rows):
-        wi, g = w[i:i + chunk_rows], None
-        log_ps = _log_probs(s[i:i + chunk_rows], V, T)
-        if teacher is not None:
-            div, g = _divergence(log_ps, next(teacher), kind, beta, with_grad)
-            total += (div * wi).sum()
-            if with_grad:
-                g.mul_(T * (1 if hard is None else 1 - hard[1]) * wi[:, None])
-        if hard is not None:
-            y, alpha, eps = hard
-            # at T = 1 the student's log-probabilities serve both losses
-            log_p1 = log_ps if T == 1.0 else _log_probs(s[i:i + chunk_rows], V, 1.0)
-            nll, gh = _hard_rows(log_p1, y[i:i + chunk_rows], eps, with_grad and alpha > 0)
-            hard_total += (nll * wi).sum()
-            if gh is not None:
-                g = gh.mul_(alpha * wi[:, None]) if g is None else g.addcmul_(gh, alpha * wi[:, None])
+        rows = slice(i, i + chunk_rows)
+        log_pt = None if teacher is None else next(teacher)
+        yi = None if y is None else y[rows]
+        common = (kind, T, beta, V, with_grad, hard)
+        if ids is None:
+            div, nll, g = _full_rows(s[rows], log_pt, yi, w[rows], *common)
+        else:
+            div, nll, g = _support_rows(s[rows], log_pt, ids[rows], yi, w[rows], *common)
+        if div is not None:
+            total += (div * w[rows]).sum()
+        if nll is not None:
+            hard_total += (nll * w[rows]).sum()
         if with_grad:
-            grad[i:i + chunk_rows, :V] = g
+            grad[rows, :V] = g
     return total * (T * T), hard_total, grad
 
 
@@ -170,8 +234,8 @@ class _ChunkedKD(torch.autograd.Function):
     Returns the differentiable loss and, detached, the divergence and the cross-entropy."""
 
     @staticmethod
-    def forward(ctx, s, t, head, w, kind, T, beta, V, chunk_rows, hard):
-        soft, ce, grad = _chunked(s, t, head, w, kind, T, beta, V, chunk_rows, True, hard)
+    def forward(ctx, s, t, head, w, kind, T, beta, V, chunk_rows, hard, ids):
+        soft, ce, grad = _chunked(s, t, head, w, kind, T, beta, V, chunk_rows, True, hard, ids)
         ctx.save_for_backward(grad)
         loss = soft.clone() if hard is None else hard[1] * ce + (1 - hard[1]) * soft
         ctx.mark_non_differentiable(soft, ce)
@@ -181,10 +245,11 @@ class _ChunkedKD(torch.autograd.Function):
     def backward(ctx, grad_out, *_):
         (grad,) = ctx.saved_tensors
         # in place: a second logits-sized tensor here would undo the memory the chunking saves
-        return (grad.mul_(grad_out.to(grad.dtype)),) + (None,) * 9
+        return (grad.mul_(grad_out.to(grad.dtype)),) + (None,) * 10
 
 
-def _prepare(student_logits, teacher_logits, kind, temperature, jsd_beta, vocab_size, teacher_head):
+def _prepare(student_logits, teacher_logits, kind, temperature, jsd_beta, vocab_size, teacher_head,
+             support=None):
     if kind not in KINDS:
         raise ValueError(f"unknown kd loss {kind!r}: use one of {', '.join(KINDS)}")
     if kind == "jsd" and not 0.0 < jsd_beta < 1.0:
@@ -197,7 +262,10 @@ def _prepare(student_logits, teacher_logits, kind, temperature, jsd_beta, vocab_
     head = None if teacher_head is None else teacher_head.detach()
     if s.size(0) != t.size(0):
         raise ValueError(f"student has {s.size(0)} positions, teacher {t.size(0)}")
-    Vt = t.size(1) if head is None else head.size(0)
+    if support is not None and support.numel() != t.size(0) * (t.size(1) - 1):
+        raise ValueError(f"{t.size(1)} cached columns need {t.size(1) - 1} support ids per position, "
+                         f"got {tuple(support.shape)} for {t.size(0)} positions")
+    Vt = s.size(1) if support is not None else t.size(1) if head is None else head.size(0)
     V = vocab_size or min(s.size(1), Vt)
     if V > min(s.size(1), Vt):
         raise ValueError(f"vocab_size={V} exceeds the logits' widths {s.size(1)}, {Vt}")
@@ -228,7 +296,7 @@ def soft_loss(student_logits, teacher_logits, kind="forward_kl", temperature=2.0
         div, _ = _divergence(_log_probs(s, V, T), log_pt, kind, jsd_beta)
         return (div * w).sum() * (T * T)
     if torch.is_grad_enabled() and s.requires_grad:
-        return _ChunkedKD.apply(s, t, head, w, kind, T, jsd_beta, V, chunk_rows, None)[0]
+        return _ChunkedKD.apply(s, t, head, w, kind, T, jsd_beta, V, chunk_rows, None, None)[0]
     return _chunked(s, t, head, w, kind, T, jsd_beta, V, chunk_rows, with_grad=False)[0]
 
 
@@ -249,13 +317,36 @@ def kd_loss(student_logits, teacher_logits, targets, alpha, kind="forward_kl", t
         with torch.set_grad_enabled(torch.is_grad_enabled() and alpha > 0):
             hard = hard_loss(student_logits, targets, V, label_smoothing)
         return alpha * hard + (1 - alpha) * soft, hard.detach(), soft.detach()
-    w = _weights(mask, s.size(0), s.device)
-    hard = (y, float(alpha), float(label_smoothing))
+    return _fused(s, t, head, y, alpha, kind, T, jsd_beta, V, chunk_rows, label_smoothing)
+
+
+def _fused(s, t, head, y, alpha, kind, T, beta, V, chunk_rows, eps, ids=None):
+    """The chunked one-pass hybrid over the targets y >= 0: (loss, hard, soft)."""
+    w = _weights(y >= 0, s.size(0), s.device)
+    hard = (y, float(alpha), float(eps))
     if torch.is_grad_enabled() and s.requires_grad:
-        loss, soft, ce = _ChunkedKD.apply(s, t, head, w, kind, T, jsd_beta, V, chunk_rows, hard)
+        loss, soft, ce = _ChunkedKD.apply(s, t, head, w, kind, T, beta, V, chunk_rows, hard, ids)
         return loss, ce, soft
-    soft, ce, _ = _chunked(s, t, head, w, kind, T, jsd_beta, V, chunk_rows, False, hard)
+    soft, ce, _ = _chunked(s, t, head, w, kind, T, beta, V, chunk_rows, False, hard, ids)
     return alpha * ce + (1 - alpha) * soft, ce, soft
+
+
+def cached_kd_loss(student_logits, cached, ids, targets, alpha, kind="forward_kl", temperature=2.0,
+                   jsd_beta=0.5, vocab_size=None, chunk_rows=None, label_smoothing=0.0):
+    """kd_loss against a teacher cache (teacher_cache.py), whose log-probabilities were taken at
+    T=1: (loss, hard, soft). With ids None, cached holds the (..., V) log-probabilities of the
+    whole vocabulary, and this is kd_loss exactly, since log_softmax(log p / T) = softmax(z / T).
+    Otherwise cached is (..., k + 1): the log-probabilities on the (..., k) support ids and the log
+    of the mass outside them; the divergence is then between the two distributions coarse-grained
+    to (support, rest), each tempered over its k + 1 buckets (see _support_rows)."""
+    if ids is None:
+        return kd_loss(student_logits, cached, targets, alpha, kind, temperature, jsd_beta,
+                       vocab_size, chunk_rows, None, label_smoothing)
+    s, t, _, V, T = _prepare(student_logits, cached, kind, temperature, jsd_beta, vocab_size, None, ids)
+    ids = ids.reshape(s.size(0), -1)
+    chunk_rows = _rows_per_chunk(chunk_rows, s.size(0)) or s.size(0)
+    return _fused(s, t, None, targets.reshape(-1), alpha, kind, T, jsd_beta, V, chunk_rows,
+                  label_smoothing, ids)
 
 
 def hard_loss(logits, targets, vocab_size=None, label_smoothing=0.0, mask=None, chunk_rows=None):
@@ -277,7 +368,7 @@ def hard_loss(logits, targets, vocab_size=None, label_smoothing=0.0, mask=None, 
     args = (rows, None, None, w, "forward_kl", 1.0, 0.5, V, chunk_rows)
     hard = (targets, 1.0, float(label_smoothing))
     if torch.is_grad_enabled() and rows.requires_grad:
-        return _ChunkedKD.apply(*args, hard)[0]
+        return _ChunkedKD.apply(*args, hard, None)[0]
     return _chunked(*args, False, hard)[1]
 
 
@@ -335,4 +426,18 @@ def kd_loss_fn(teacher, vocab_size, alpha, kind="forward_kl", temperature=2.0, j
             loss = loss + alpha_cos * cos
             parts["cos"] = cos.detach()
         return loss, parts
+    return loss_fn
+
+
+def cached_kd_loss_fn(vocab_size, alpha, kind="forward_kl", temperature=2.0, jsd_beta=0.5,
+                      label_smoothing=0.0, chunk_rows=0):
+    """`loss_fn(model, x, y, cached, ids=None) -> (loss, parts)` of distillation from a teacher
+    cache: the batch carries the teacher's cached tensors (teacher_cache.CachedDataset), so no
+    teacher runs. Parts (hard, soft) as kd_loss_fn's."""
+    chunk_rows = chunk_rows or default_chunk_rows(vocab_size)
+
+    def loss_fn(model, x, y, cached, ids=None):
+        loss, hard, soft = cached_kd_loss(model(x)[0], cached, ids, y, alpha, kind, temperature,
+                                          jsd_beta, vocab_size, chunk_rows, label_smoothing)
+        return loss, dict(hard=hard, soft=soft)
     return loss_fn

@@ -1,6 +1,7 @@
 """The one training loop, shared by train.py and distill.py.
 
-A script builds the model and a `loss_fn(model, x, y) -> (loss, parts)`; `train()` does the rest:
+A script builds the model and a `loss_fn(model, x, y, *extra) -> (loss, parts)` (extra: what else
+the data's training batches carry, e.g. a teacher cache's tensors); `train()` does the rest:
 DDP, gradient accumulation that weighs every counted target alike, AdamW with its schedule and
 clipping (optim.py), autocast (runtime.py), evaluation, exact resume (a micro-batch's rows and
 dropout masks are drawn from (seed, step, its place in the global batch)), checkpoints,
@@ -104,14 +105,16 @@ def dropout_seed(seed, step, row_block):
 
 
 def micro_batches(data, cfg, step, rt):
-    """This rank's share of step `step`'s global batch: one (x, y, dropout seed) per micro-step,
-    on rt.device."""
+    """This rank's share of step `step`'s global batch: one (x, y, dropout seed, *extra) per
+    micro-step, on rt.device. extra is whatever else the data's batch carries for the loss (a
+    teacher cache's tensors), passed on as loss_fn(model, x, y, *extra)."""
     batches = []
     for micro in range(cfg["gradient_accumulation_steps"] // rt.world):
-        x, y = data.batch("train", cfg["batch_size"], cfg["block_size"], cfg["seed"], step, micro,
-                          rt.world, rt.rank)
+        x, y, *extra = data.batch("train", cfg["batch_size"], cfg["block_size"], cfg["seed"], step,
+                                  micro, rt.world, rt.rank)
         seed = dropout_seed(cfg["seed"], step, micro * rt.world + rt.rank)
-        batches.append((x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True), seed))
+        batches.append((*(t.to(rt.device, non_blocking=True) for t in (x, y)), seed,
+                        *(t.to(rt.device, non_blocking=True) for t in extra)))
     return batches
 
 
@@ -122,15 +125,15 @@ def forward_backward(model, loss_fn, batches, rt, scaler):
     of the step's counted targets (times the world size, as DDP averages over ranks), the means add
     up to the mean over the whole step. Returns this rank's share of the step's loss and of each
     part: their sums over ranks are the step's token-weighted means."""
-    counts = [int((y >= 0).sum()) for _, y, _ in batches]
+    counts = [int((batch[1] >= 0).sum()) for batch in batches]
     total = max(rt.all_sum(float(sum(counts))), 1.0)
     loss_sum, parts_sum = 0.0, {}
-    for i, ((x, y, seed), count) in enumerate(zip(batches, counts)):
+    for i, ((x, y, seed, *extra), count) in enumerate(zip(batches, counts)):
         torch.manual_seed(seed)
         share = count / total
         sync = not rt.ddp or i == len(batches) - 1  # all-reduce once per step, not per micro
         with (contextlib.nullcontext() if sync else model.no_sync()), rt.autocast():
-            loss, parts = loss_fn(model, x, y)
+            loss, parts = loss_fn(model, x, y, *extra)
         scaler.scale(loss * (share * rt.world)).backward()
         loss_sum += loss.item() * share
         for k, v in parts.items():
@@ -318,8 +321,9 @@ def final_eval(model, data, cfg, rt, metrics, step):
 
 
 def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None):
-    """Train `model` on `data` with `loss_fn(model, x, y) -> (loss, {name: tensor})`, both means
-    over the counted targets of one micro-batch.
+    """Train `model` on `data` with `loss_fn(model, x, y, *extra) -> (loss, {name: tensor})`, both
+    means over the counted targets (y >= 0) of one micro-batch; extra is the rest of what
+    data.batch returns for the train split (nothing for a BinDataset).
 
     resume: a loaded checkpoint to continue from exactly. extra_state: plain values stored in every
     checkpoint (e.g. the tokenizer). Returns the final (exact) val loss or None.

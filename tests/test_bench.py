@@ -1,5 +1,6 @@
 """bench.py end to end on a tiny config: every section is measured and lands in the JSON."""
 import json
+import os
 
 from conftest import run_script
 
@@ -32,4 +33,22 @@ def test_bench_tiny_writes_every_section(tmp_path):
     for name in ("kv_cache", "full_recompute", "transformers"):
         positive(res, "generate", "new_tokens", "8", name, "median")
     positive(res, "generate", "new_tokens", "8", "ratio_kv_over_recompute")
+    for name in ("cached_step", "ce_step"):
+        positive(res, "cached", name, "seconds", "median")
+    positive(res, "cached", "ratio_cached_over_ce")
+    for name in ("cache_write", "teacher_forward"):
+        positive(res, "cache_write", name, "tokens_per_s", "median")
+    assert res["cache_write"]["cache"]["bytes_per_token"] == 65 * 2 + 64 * 2
     assert "ours / transformers" in p.stdout and "chunked / CE" in p.stdout
+    assert "cached distill / CE step" in p.stdout and "cache writing / bare forward" in p.stdout
+
+
+def test_bench_runs_just_the_cache_parts(tmp_path):
+    out = tmp_path / "bench.json"
+    run_script("bench.py", *TINY_BENCH, "parts=cached,cache_write", "top_k=0", "vocab_size=300",
+               f"cache_dir={tmp_path}", f"out={out}")
+    res = json.loads(out.read_text())
+    assert {"cached", "cache_write"} <= set(res) and not {"train", "distill", "generate", "memory"} & set(res)
+    positive(res, "cached", "ratio_cached_over_ce")
+    positive(res, "cache_write", "ratio_write_over_forward")
+    assert os.listdir(tmp_path) == ["bench.json"]  # the timed cache is removed

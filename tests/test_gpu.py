@@ -123,3 +123,25 @@ def test_bench_on_the_gpu(tmp_path):
     assert res["distill"]["distill_step"]["seconds"]["median"] > 0
     assert all(res["memory"][v]["step_bytes"] > 0 for v in ("ce", "chunked", "unchunked"))
     assert res["generate"]["new_tokens"]["16"]["kv_cache"]["median"] > 0
+
+
+def test_teacher_cache_on_the_gpu(char_data, teacher, tmp_path):
+    """cache_teacher.py in bf16 autocast on CUDA caches what float32 on the CPU caches (to bf16
+    rounding of the teacher's matmuls), and distill.py trains from it on the GPU."""
+    import numpy as np
+
+    from teacher_cache import TeacherCache
+    common = [f"teacher={teacher[0]}", f"dataset={char_data}", "block_size=32", "top_k=8", "batch_size=64"]
+    p = run_script("cache_teacher.py", *common, f"out={tmp_path / 'gpu'}", f"device={DEVICE}", timeout=900)
+    assert "wrote" in p.stdout
+    run_script("cache_teacher.py", *common, f"out={tmp_path / 'cpu'}", "device=cpu")
+    gpu, cpu = TeacherCache(str(tmp_path / "gpu")), TeacherCache(str(tmp_path / "cpu"))
+    windows = np.arange(0, gpu.windows, 97)
+    (vg, ig), (vc, ic) = gpu.rows(windows), cpu.rows(windows)
+    assert (ig[..., 0] == ic[..., 0]).float().mean() > 0.95
+    assert (vg[..., 0].float() - vc[..., 0].float()).abs().mean() < 0.1
+    out = tmp_path / "student"
+    run_script("distill.py", *RUN, "n_layer=1", f"dataset={char_data}", f"teacher_cache={gpu.folder}",
+               f"out_dir={out}", "dtype=bfloat16", "chunk_rows=32")
+    learned(out)
+    assert all(r["soft"] > 0 for r in read_metrics(out) if "soft" in r)

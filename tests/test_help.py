@@ -9,7 +9,7 @@ from conftest import ROOT, run_script
 
 SCRIPTS = ["train.py", "distill.py", "sample.py", "evaluate.py", "classify.py", "bench.py", "demo.py",
            "convert.py", "prepare/shakespeare.py", "prepare/text.py", "prepare/jsonl.py",
-           "prepare/openwebtext.py", "prepare/babylm.py", "prepare/wikitext.py", "prepare/tokenizer.py"]
+           "prepare/openwebtext.py", "prepare/babylm.py", "prepare/wikitext.py", "prepare/tokenizer.py", "cache_teacher.py"]
 
 
 def module_of(script):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import KINDS, cosine_loss, hard_loss, kd_loss, soft_loss
+from losses import KINDS, cached_kd_loss, cosine_loss, hard_loss, kd_loss, soft_loss
 
 torch.set_num_threads(1)
 
@@ -147,6 +147,61 @@ def test_fused_kd_loss_equals_ce_plus_soft(kind, T, alpha, eps):
             again = kd_loss(s, h, y, alpha, kind=kind, temperature=T, jsd_beta=0.3, vocab_size=11,
                             chunk_rows=chunk, teacher_head=head, label_smoothing=eps)
             assert all(abs(a - b) < 1e-5 for a, b in zip(again, (loss, got_hard, got_soft)))
+
+
+def top_k_cache(teacher_logits, k):
+    """What cache_teacher.py stores of teacher logits: top-k log-probs + the rest's log-mass, ids."""
+    log_p = F.log_softmax(teacher_logits, -1)
+    top, ids = log_p.topk(k, -1)
+    rest = log_p.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    return torch.cat([top, rest], -1), ids
+
+
+def buckets(logits, ids, V):
+    """The (support, rest) coarse-graining by autograd: the reference for the analytic gradient."""
+    log_p = F.log_softmax(logits[..., :V].double(), -1)
+    rest = log_p.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    return torch.cat([log_p.gather(-1, ids), rest], -1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T,alpha,eps", [(1.0, 0.0, 0.0), (2.0, 0.3, 0.1), (0.5, 0.5, 0.0), (2.0, 1.0, 0.0)])
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_top_k_cache_loss_is_the_coarse_grained_divergence(kind, T, alpha, eps, chunk):
+    # against autograd through the coarse-graining in float64: soft_loss over the k + 1 bucket
+    # log-probabilities of both sides (which tempers them as k + 1 outcomes), plus the CE
+    s, t = logits(2, 5, 13, seed=40), logits(2, 5, 11, seed=41)
+    cached, ids = top_k_cache(t, 4)
+    y = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(2))
+    y[1, 2] = -1
+    ref_s = s.double().requires_grad_(True)
+    soft = soft_loss(buckets(ref_s, ids, 11), cached.double(), kind=kind, temperature=T, jsd_beta=0.3,
+                     mask=y >= 0)
+    hard = hard_loss(ref_s, y, 11, label_smoothing=eps)
+    (alpha * hard + (1 - alpha) * soft).backward()
+    got_s = s.clone().requires_grad_(True)
+    loss, got_hard, got_soft = cached_kd_loss(got_s, cached, ids, y, alpha, kind, T, 0.3, 11, chunk, eps)
+    loss.backward()
+    assert abs(got_soft - soft.item()) < 1e-5 and abs(got_hard - hard.item()) < 1e-5
+    assert abs(loss.item() - (alpha * hard + (1 - alpha) * soft).item()) < 1e-5
+    assert torch.allclose(got_s.grad.double(), ref_s.grad, atol=1e-6, rtol=0) and ref_s.grad.abs().max() > 1e-3
+    assert torch.all(got_s.grad[..., 11:] == 0) and torch.all(got_s.grad[1, 2] == 0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_top_k_cache_loss_is_zero_for_the_teacher_itself(kind):
+    t = logits(6, 50, seed=42, scale=5.0)
+    cached, ids = top_k_cache(t, 3)
+    s = t.clone().requires_grad_(True)
+    loss, _, soft = cached_kd_loss(s, cached, ids, torch.zeros(6, dtype=torch.long), 0.0, kind, 2.0)
+    loss.backward()
+    assert abs(soft.item()) < 1e-6 and s.grad.abs().max() < 1e-6
+    # a support holding nearly all the mass: the rest is taken from its own terms, not 1 - sum
+    sharp = logits(6, 50, seed=43, scale=1.0)
+    sharp[:, :3] += 40.0
+    cached, ids = top_k_cache(sharp, 3)
+    assert torch.isfinite(cached).all() and (cached[:, 3] < -30).all()
+    assert abs(cached_kd_loss(sharp, cached, ids, torch.zeros(6, dtype=torch.long), 0.0, kind)[2].item()) < 1e-6
 
 
 def test_chunked_bf16_gradient_kept_in_bf16():
