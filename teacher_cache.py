@@ -373,7 +373,7 @@ class TeacherCache:
         """Refuse a cache that was not written for this data, context and (if given) teacher."""
         meta, where = self.meta, self.folder
         check_same(f"teacher cache {where}", meta["tokenizer"], f"dataset {data.dir}",
-                        data.tokenizer, "distill from a cache written for this dataset")
+                   data.tokenizer, "distill from a cache written for this dataset")
         if meta["dataset"]["sha256"] != dataset_sha256(data):
             raise UserError(f"{where} was written from {meta['dataset']['path']}, whose train split "
                             f"differs from dataset={data.dir}: use that dataset or write a cache for this one")
