@@ -68,7 +68,7 @@ LIMITS = dict(
     vocab_size="[1, inf)", teacher_n_layer="[1, inf)", teacher_n_head="[1, inf)", teacher_n_embd="[1, inf)",
     chunk_rows="[0, inf)", dtype=DTYPE_CHOICES, threads="[0, inf)", warmup="[0, inf)", repeats="[1, inf)",
     max_time="(0, inf)", gen_tokens="[1, inf)", gen_batch="[1, inf)", prompt_len="[1, inf)", out=OUT_FILE,
-    seed="[0, inf)", top_k="[0, inf)", cache_dtype=teacher_cache.DTYPES, cache_blocks="[1, inf)",
+    seed="[0, inf)", top_k="[0, inf)", cache_dtype=tuple(teacher_cache.DTYPES), cache_blocks="[1, inf)",
 )
 PARTS = ("train", "distill", "generate", "memory", "cached", "cache_write")
 OPTIM = dict(learning_rate=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, layer_lr_decay=1.0)

@@ -36,7 +36,7 @@ DEFAULTS = dict(
     dtype="auto",  # the teacher's autocast: bfloat16 where CUDA has it, float32 on CPU
     compile=False,  # torch.compile the teacher
 )
-LIMITS = dict(top_k="[0, inf)", cache_dtype=DTYPES, batch_size="[1, inf)", block_size="[1, inf)", out=OUT_DIR,
+LIMITS = dict(top_k="[0, inf)", cache_dtype=tuple(DTYPES), batch_size="[1, inf)", block_size="[1, inf)", out=OUT_DIR,
               dtype=DTYPE_CHOICES)
 
 
