@@ -276,7 +276,7 @@ REFUSED = {
     "dataset": (lambda c, d, t, tmp: [f"teacher_cache={c}", f"dataset={other_data(d, tmp)}"],
                 "differs from dataset="),
     "tokenizer": (lambda c, d, t, tmp: [f"teacher_cache={c}", "dataset=" + make_char_dataset(
-        str(tmp / "abc"), "abcdefgh " * 500)], "uses char (vocab 9): distill from a cache written"),
+        str(tmp / "abc"), "abcdefgh " * 500)], "uses the char tokenizer (9 characters): different vocab sizes; distill from a cache written"),
     "context": (lambda c, d, t, tmp: [f"teacher_cache={c}", "block_size=16"], "block_size=32, not 16"),
     "truncated": (lambda c, d, t, tmp: [f"teacher_cache={damaged(c, tmp, 'truncated')}"], "truncated"),
     "incomplete": (lambda c, d, t, tmp: [f"teacher_cache={damaged(c, tmp, 'incomplete')}"], "incomplete"),
