@@ -51,10 +51,11 @@ GPT2_SIZES = {
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.n_head = config.n_head
+        self.layer = layer  # the cache keeps keys and values per layer
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
@@ -65,12 +66,12 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is not None:
-            k, v = cache.update(k, v)
-        # a cached decode step attends to every earlier position: no causal mask is needed then
-        causal = cache is None or cache.prefill
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:  # the cache's owner says which earlier keys each query may see (padding, causality)
+            k, v = cache.update(self.layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.attn_mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -87,10 +88,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -100,24 +101,31 @@ class Block(nn.Module):
 
 
 class LayerCache:
-    """Keys and values of one layer for the positions seen so far, preallocated to block_size."""
+    """Keys and values of every layer for the positions seen so far, preallocated to max_T; the
+    caller sets attn_mask before each forward and advances pos after it."""
 
-    def __init__(self, max_T):
+    def __init__(self, n_layer, max_T):
         self.max_T = max_T
-        self.k = self.v = None
+        self.k, self.v = [None] * n_layer, [None] * n_layer
         self.pos = 0
-        self.prefill = True
+        self.attn_mask = None
 
-    def update(self, k, v):
+    def update(self, layer, k, v):
         B, nh, T, hs = k.shape
-        if self.k is None:  # allocated on first use, in the dtype autocast gave k
-            self.k = k.new_empty(B, nh, self.max_T, hs)
-            self.v = v.new_empty(B, nh, self.max_T, hs)
-        self.prefill = self.pos == 0
-        self.k[:, :, self.pos:self.pos + T] = k
-        self.v[:, :, self.pos:self.pos + T] = v
+        if self.k[layer] is None:  # allocated on first use, in the dtype autocast gave k
+            self.k[layer] = k.new_empty(B, nh, self.max_T, hs)
+            self.v[layer] = v.new_empty(B, nh, self.max_T, hs)
+        self.k[layer][:, :, self.pos:self.pos + T] = k
+        self.v[layer][:, :, self.pos:self.pos + T] = v
+        return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
+
+    def forward(self, model, idx):
+        """Hidden states of the new tokens idx (B, T), each attending to itself and all before it."""
+        T = idx.size(1)
+        self.attn_mask = torch.ones(T, self.pos + T, dtype=torch.bool, device=idx.device).tril(self.pos)
+        h = model.hidden_states(idx, self)
         self.pos += T
-        return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
+        return h
 
 
 class GPT(nn.Module):
@@ -129,7 +137,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
@@ -158,26 +166,34 @@ class GPT(nn.Module):
         T = cfg.block_size if T is None else T
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
 
-    def hidden_states(self, idx, caches=None):
+    def hidden_states(self, idx, cache=None, positions=None):
+        """idx (B, T) -> final-normed hidden states (B, T, C). positions (B, T): each token's
+        absolute position (rows may differ, e.g. left-padded prompts); by default they follow the
+        tokens already in the cache."""
         B, T = idx.shape
-        start = 0 if caches is None else caches[0].pos
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for i, block in enumerate(self.transformer.h):
-            if self.gradient_checkpointing and self.training and caches is None:
+        if positions is None:
+            start = 0 if cache is None else cache.pos
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+            positions = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for block in self.transformer.h:
+            if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, None if caches is None else caches[i])
+                x = block(x, cache)
         return self.transformer.ln_f(x)
+
+    def logits(self, h):
+        """Hidden states (..., C) -> logits (..., padded V); only the first vocab_size are real."""
+        return self.lm_head(h)
 
     def forward(self, idx, targets=None, return_hidden=False):
         """idx (B, T) -> logits (B, T, padded V) for every position, and the mean cross-entropy
         over targets >= 0 (targets == -1 are ignored). Columns beyond config.vocab_size exist only
         for speed and never enter the loss."""
         h = self.hidden_states(idx)
-        logits = self.lm_head(h)
+        logits = self.logits(h)
         loss = None
         if targets is not None:
             V = self.config.vocab_size
@@ -193,19 +209,19 @@ class GPT(nn.Module):
         keep emitting it, so the caller can cut at the first one."""
         cfg = self.config
         B = idx.size(0)
-        caches = None
+        cache = None
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            if use_cache and (caches is None or caches[0].pos >= cfg.block_size):
+            if use_cache and (cache is None or cache.pos >= cfg.block_size):
                 # (re)fill the cache; past block_size the window slides, and each step is then a
                 # full recompute of the last block_size tokens, exactly as without a cache
-                caches = [LayerCache(cfg.block_size) for _ in range(cfg.n_layer)]
-                h = self.hidden_states(idx[:, -cfg.block_size:], caches)[:, -1]
+                cache = LayerCache(cfg.n_layer, cfg.block_size)
+                h = cache.forward(self, idx[:, -cfg.block_size:])[:, -1]
             elif use_cache:
-                h = self.hidden_states(idx[:, -1:], caches)[:, -1]
+                h = cache.forward(self, idx[:, -1:])[:, -1]
             else:
                 h = self.hidden_states(idx[:, -cfg.block_size:])[:, -1]
-            logits = self.lm_head(h)[:, :cfg.vocab_size].float()
+            logits = self.logits(h)[:, :cfg.vocab_size].float()
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             if stop_token is not None:
                 nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)

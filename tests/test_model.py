@@ -143,3 +143,45 @@ def test_hf_folder_without_weights(tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(Exception, match="holds no weights"):
         GPT.from_pretrained(str(folder))
+
+
+class ProtocolCache:
+    """The cache protocol as an engine drives it: per-layer keys/values, a key mask for left
+    padding, attn_mask set before each forward and pos advanced after it."""
+
+    def __init__(self, valid):
+        self.valid, self.pos, self.k, self.v = valid, 0, {}, {}
+
+    def update(self, layer, k, v):
+        if layer in self.k:
+            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+    def forward(self, model, idx, positions):
+        T = idx.size(1)
+        causal = torch.ones(T, self.pos + T, dtype=torch.bool).tril(self.pos)
+        self.attn_mask = (causal & self.valid[:, None, :self.pos + T])[:, None]
+        h = model.hidden_states(idx, self, positions)
+        self.pos += T
+        return h
+
+
+def test_cache_protocol_chunks_and_left_padding():
+    """Prefill in two chunks then one token at a time, with the second row left-padded by 3
+    tokens: every real position's hidden state equals the no-cache forward of its own row."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50)).eval()
+    a, b = torch.randint(0, 50, (1, 12)), torch.randint(0, 50, (1, 9))
+    pad = 3
+    idx = torch.cat([a, torch.cat([torch.zeros(1, pad, dtype=torch.long), b], 1)])
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :pad] = False
+    positions = torch.stack([torch.arange(12), (torch.arange(12) - pad).clamp(min=0)])
+    cache = ProtocolCache(valid)
+    with torch.no_grad():
+        chunks = [(0, 6), (6, 10), (10, 11), (11, 12)]
+        h = torch.cat([cache.forward(m, idx[:, s:e], positions[:, s:e]) for s, e in chunks], 1)
+        torch.testing.assert_close(h[:1], m.hidden_states(a), atol=1e-5, rtol=0)
+        torch.testing.assert_close(h[1:, pad:], m.hidden_states(b), atol=1e-5, rtol=0)
+        torch.testing.assert_close(m.logits(h[:1]), m(a)[0], atol=1e-5, rtol=0)
