@@ -1,20 +1,23 @@
-"""GPT-2 weights in and out: a HF folder or name becomes our checkpoint, our checkpoint a HF folder.
+"""HF weights in and out (GPT-2, Llama, Qwen2; hf.py): a HF folder or GPT-2 name becomes our
+checkpoint, our checkpoint a HF folder.
 
     python convert.py to=ours source=gpt2-large out_dir=out/gpt2-large   # then init_from=out/gpt2-large
-    python convert.py to=ours source=path/to/hf_folder out_dir=out/mine
+    python convert.py to=ours source=path/to/CodeLlama-7b-hf out_dir=out/codellama
     python convert.py to=hf source=out/student out=hf/student          # transformers can load it
 """
 import math
 import os
 
-import torch
-
 import checkpoint
+import hf
 from configurator import UserError, run
-from model import GPT, GPTConfig, export_hf
+from model import GPTConfig
 from tokenizer import TOKENIZER_FILE
 
-DEFAULTS = dict(to="", source="", out_dir="", out="", overwrite=False)
+DEFAULTS = dict(
+    to="", source="", out_dir="", out="", overwrite=False,
+    shard_gb=5.0,  # to=hf: safetensors shards of at most this many GB (transformers' default), with an index
+)
 
 
 def to_ours(cfg):
@@ -27,17 +30,10 @@ def to_ours(cfg):
     if checkpoint.is_checkpoint(cfg["source"]):
         raise UserError(f"{cfg['source']} is already our checkpoint; to=ours reads a HF folder or "
                         f"a GPT-2 name")
-    hf, tokenizer, _ = checkpoint.load_model(cfg["source"])
-    # HF keeps the vocab at 50257; padding the embedding to a multiple of 64 makes fine-tuning
+    # HF keeps the vocab as is (50257); padding the embedding to a multiple of 64 makes fine-tuning
     # matmuls faster, and the extra rows are zeros whose logits nothing ever reads
-    config = GPTConfig.from_dict(dict(hf.config.to_dict(), pad_vocab_to=GPTConfig.pad_vocab_to))
-    model = GPT(config)
-    sd = hf.state_dict()
-    sd["transformer.wte.weight"] = torch.cat([
-        sd["transformer.wte.weight"],
-        sd["transformer.wte.weight"].new_zeros(config.padded_vocab_size - config.vocab_size, config.n_embd)])
-    sd["lm_head.weight"] = sd["transformer.wte.weight"]
-    model.load_state_dict(sd)
+    model, tokenizer, _ = checkpoint.load_model(cfg["source"], pad_vocab_to=GPTConfig.pad_vocab_to)
+    config = model.config
     if cfg["overwrite"]:
         checkpoint.clear(out_dir)
     state = dict(model=model.state_dict(), model_args=config.to_dict(), config=cfg, step=0,
@@ -55,10 +51,12 @@ def to_hf(cfg):
         raise UserError(f"{out} already holds a HF model; choose another out or pass overwrite=True")
     if not checkpoint.is_checkpoint(cfg["source"]):
         raise UserError(f"checkpoint not found: {cfg['source']} (to=hf reads our out_dir or a .pt file)")
+    if cfg["shard_gb"] <= 0:
+        raise UserError(f"shard_gb={cfg['shard_gb']} must be positive")
     model, tokenizer, _ = checkpoint.load_model(cfg["source"])
-    export_hf(model, out)
-    print(f"wrote {out}/model.safetensors and config.json; load with "
-          f"transformers.GPT2LMHeadModel.from_pretrained({out!r})")
+    files = hf.export(model, out, shard_bytes=int(cfg["shard_gb"] * 1e9))
+    print(f"wrote {out}/config.json and {len(files)} safetensors file(s); load with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({out!r})")
     if tokenizer.get("tokenizer") == "gpt2":
         print("tokenizer: GPT-2's own (transformers.AutoTokenizer.from_pretrained('gpt2'))")
     elif "tokenizer_json" in tokenizer:

@@ -35,6 +35,12 @@ DEFAULTS = dict(
     dataset="data/shakespeare_char", batch_size=12, block_size=256, gradient_accumulation_steps=1,
     # model, when built from scratch: a GPT-2 name or the sizes below
     model="", n_layer=6, n_head=6, n_embd=384, dropout=0.0, bias=True,
+    family="gpt2",  # gpt2 (learned positions, LayerNorm, GELU) or llama (RoPE, RMSNorm, SwiGLU, GQA)
+    n_kv_head=0,  # key/value heads; fewer than n_head is grouped-query attention; 0: n_head
+    intermediate_size=0,  # MLP width; 0: the family's (gpt2 4*n_embd, llama 8/3*n_embd rounded up to 256)
+    rope_theta=10000.0,  # base of the rotary frequencies (llama)
+    norm_eps=1e-5,  # epsilon of the LayerNorms / RMSNorms
+    tie_embeddings=True,  # the LM head shares the token embedding (gpt2 always; llama usually not)
     # AdamW and schedule
     learning_rate=6e-4, max_iters=5000, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
     warmup_iters=100, lr_decay_iters=0, min_lr=6e-5, decay="cosine",
@@ -336,7 +342,7 @@ def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None):
 
 def init_model(cfg, data, rt):
     """The model named by init_from, on rt.device: (model, checkpoint to resume from or None)."""
-    from model import GPT, GPT2_SIZES, GPTConfig
+    from model import GPT2_SIZES, build
 
     init, out_dir = cfg["init_from"], cfg["out_dir"]
     resume = None
@@ -344,16 +350,14 @@ def init_model(cfg, data, rt):
         if checkpoint.is_checkpoint(out_dir) and not cfg["overwrite"]:
             raise UserError(f"{out_dir} already holds a run's checkpoint; use init_from=resume to "
                             f"continue it, another out_dir, or overwrite=True to start over")
-        if cfg["model"] and cfg["model"] not in GPT2_SIZES:
-            raise UserError(f"model={cfg['model']!r}: use one of {', '.join(GPT2_SIZES)} or set "
-                            f"n_layer/n_head/n_embd")
-        sizes = GPT2_SIZES.get(cfg["model"]) or dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"],
-                                                     n_embd=cfg["n_embd"])
-        if sizes["n_embd"] % sizes["n_head"]:
-            raise UserError(f"n_embd={sizes['n_embd']} is not divisible by n_head={sizes['n_head']}")
+        if cfg["model"] and (cfg["model"] not in GPT2_SIZES or cfg["family"] != "gpt2"):
+            raise UserError(f"model={cfg['model']!r}: use one of {', '.join(GPT2_SIZES)} (with "
+                            f"family=gpt2) or set n_layer/n_head/n_embd")
+        keys = ("family", "n_layer", "n_head", "n_embd", "n_kv_head", "intermediate_size", "rope_theta",
+                "norm_eps", "tie_embeddings", "bias", "dropout", "block_size")
+        args = dict({k: cfg[k] for k in keys}, **GPT2_SIZES.get(cfg["model"], {}), vocab_size=data.vocab_size)
         torch.manual_seed(cfg["seed"])
-        model = GPT(GPTConfig(**sizes, block_size=cfg["block_size"], vocab_size=data.vocab_size,
-                              bias=cfg["bias"], dropout=cfg["dropout"]))
+        model = build(args)
     elif init == "resume":
         resume = checkpoint.load(out_dir)
         if "optimizer" not in resume:

@@ -3,7 +3,9 @@ distillation relies on (all-position logits, padded vocab, gradient checkpointin
 import pytest
 import torch
 
-from model import GPT, GPTConfig, export_hf
+import hf
+from model import GPT, GPTConfig
+from protocol_cache import ProtocolCache
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,11 +29,11 @@ def tokens(B=2, T=37, V=50257, seed=1):
 
 
 def test_import_matches_transformers(tmp_path):
-    hf, folder = hf_model(tmp_path)
-    ours = GPT.from_pretrained(str(folder)).eval()
+    ref_model, folder = hf_model(tmp_path)
+    ours = hf.load(str(folder)).eval()
     idx = tokens()
     with torch.no_grad():
-        ref = hf(idx).logits
+        ref = ref_model(idx).logits
         got, _ = ours(idx)
     assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
@@ -41,12 +43,12 @@ def test_export_round_trip(tmp_path):
     torch.manual_seed(0)
     ours = GPT(GPTConfig(n_layer=2, n_head=3, n_embd=48, block_size=64, vocab_size=50257)).eval()
     assert ours.config.padded_vocab_size == 50304
-    export_hf(ours, tmp_path / "exp")
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "exp").eval()
+    hf.export(ours, tmp_path / "exp")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "exp").eval()
     idx = tokens(T=20)
     with torch.no_grad():
-        torch.testing.assert_close(hf(idx).logits, ours(idx)[0][..., :50257], atol=1e-4, rtol=0)
-    back = GPT.from_pretrained(str(tmp_path / "exp")).eval()
+        torch.testing.assert_close(theirs(idx).logits, ours(idx)[0][..., :50257], atol=1e-4, rtol=0)
+    back = hf.load(str(tmp_path / "exp")).eval()
     with torch.no_grad():
         torch.testing.assert_close(back(idx)[0], ours(idx)[0][..., :50257], atol=1e-5, rtol=0)
 
@@ -54,20 +56,20 @@ def test_export_round_trip(tmp_path):
 def test_export_without_bias(tmp_path):
     torch.manual_seed(0)
     ours = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=100, bias=False)).eval()
-    export_hf(ours, tmp_path / "nb")
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "nb").eval()
+    hf.export(ours, tmp_path / "nb")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "nb").eval()
     idx = tokens(T=10, V=100)
     with torch.no_grad():
-        torch.testing.assert_close(hf(idx).logits, ours(idx)[0][..., :100], atol=1e-4, rtol=0)
+        torch.testing.assert_close(theirs(idx).logits, ours(idx)[0][..., :100], atol=1e-4, rtol=0)
 
 
 def test_greedy_cache_equals_recompute_and_transformers(tmp_path):
-    hf, folder = hf_model(tmp_path, n_positions=128)
-    ours = GPT.from_pretrained(str(folder)).eval()
+    theirs, folder = hf_model(tmp_path, n_positions=128)
+    ours = hf.load(str(folder)).eval()
     prompt = tokens(B=1, T=9, seed=3)
     cached = ours.generate(prompt, 64, temperature=0)
     full = ours.generate(prompt, 64, temperature=0, use_cache=False)
-    ref = hf.generate(prompt, max_new_tokens=64, do_sample=False, min_new_tokens=64,
+    ref = theirs.generate(prompt, max_new_tokens=64, do_sample=False, min_new_tokens=64,
                       attention_mask=torch.ones_like(prompt), pad_token_id=0)
     assert cached.tolist() == full.tolist()
     assert cached.tolist() == ref.tolist()
@@ -142,36 +144,15 @@ def test_hf_folder_without_weights(tmp_path):
     _, folder = hf_model(tmp_path, n_layer=1, n_embd=24, n_head=2, vocab=100)
     (folder / "model.safetensors").unlink()
     with pytest.raises(Exception, match="holds no weights"):
-        GPT.from_pretrained(str(folder))
+        hf.load(str(folder))
 
 
-class ProtocolCache:
-    """The cache protocol as an engine drives it: per-layer keys/values, a key mask for left
-    padding, attn_mask set before each forward and pos advanced after it."""
-
-    def __init__(self, valid):
-        self.valid, self.pos, self.k, self.v = valid, 0, {}, {}
-
-    def update(self, layer, k, v):
-        if layer in self.k:
-            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
-
-    def forward(self, model, idx, positions):
-        T = idx.size(1)
-        causal = torch.ones(T, self.pos + T, dtype=torch.bool).tril(self.pos)
-        self.attn_mask = (causal & self.valid[:, None, :self.pos + T])[:, None]
-        h = model.hidden_states(idx, self, positions)
-        self.pos += T
-        return h
-
-
-def test_cache_protocol_chunks_and_left_padding():
+@pytest.mark.parametrize("family", [dict(family="gpt2"), dict(family="llama", n_head=4, n_kv_head=2, bias=False)])
+def test_cache_protocol_chunks_and_left_padding(family):
     """Prefill in two chunks then one token at a time, with the second row left-padded by 3
     tokens: every real position's hidden state equals the no-cache forward of its own row."""
     torch.manual_seed(0)
-    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50)).eval()
+    m = GPT(GPTConfig(**dict(dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50), **family))).eval()
     a, b = torch.randint(0, 50, (1, 12)), torch.randint(0, 50, (1, 9))
     pad = 3
     idx = torch.cat([a, torch.cat([torch.zeros(1, pad, dtype=torch.long), b], 1)])
