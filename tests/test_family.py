@@ -138,6 +138,30 @@ def test_new_checkpoints_record_the_family(tmp_path):
     assert torch.equal(back.blocks[0].mlp.c_fc.weight, m.blocks[0].mlp.c_fc.weight.to(torch.bfloat16))
 
 
+def test_lora_freezing_and_depths_of_an_untied_llama():
+    import lora
+    import optim
+    torch.manual_seed(0)
+    m = build(dict(family="llama", n_layer=3, n_head=4, n_kv_head=2, n_embd=32, block_size=16, vocab_size=40,
+                   bias=False, tie_embeddings=False)).eval()
+    depths = {name: m.depth_of(name) for name, _ in m.named_parameters()}
+    assert depths["transformer.wte.weight"] == 0 and depths["transformer.h.2.mlp.c_fc.weight"] == 3
+    assert depths["lm_head.weight"] == depths["transformer.ln_f.weight"] == 4
+    optim.freeze(m, 2)
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == \
+        [n for n in depths if n.startswith("transformer.h.2.") or depths[n] == 4]
+    idx = torch.randint(0, 40, (2, 16))
+    with torch.no_grad():
+        before = m(idx)[0]
+        lora.apply(m, rank=4, alpha=8, targets="attn,mlp,mlp_proj")
+        for p in m.parameters():
+            if p.requires_grad:  # the adapters: B starts at 0, so move it to make the merge matter
+                p.add_(0.05)
+        adapted = m(idx)[0]
+        assert not torch.allclose(adapted, before)
+        torch.testing.assert_close(lora.merge(m)(idx)[0], adapted, atol=1e-5, rtol=0)
+
+
 def test_seam_no_family_modules_outside_model_and_hf():
     """Everything else asks the model (blocks, depth_of, lora_targets, head_weight, init_from_layers)."""
     module_names = re.compile(r"\.transformer\b|\bwte\b|\bwpe\b|\bc_attn\b|\bc_fc\b|\bc_proj\b|\bln_f\b|\blm_head\b")

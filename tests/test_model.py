@@ -8,6 +8,8 @@ from model import GPT, GPTConfig
 from protocol_cache import ProtocolCache
 
 transformers = pytest.importorskip("transformers")
+# what a test of either family changes in a small GPT-2 config
+FAMILIES = [dict(family="gpt2"), dict(family="llama", n_head=4, n_kv_head=2, bias=False)]
 
 
 def hf_model(tmp_path, n_layer=3, n_embd=96, n_head=3, vocab=50257, n_positions=128, seed=0):
@@ -118,9 +120,10 @@ def test_init_and_tying():
     assert abs(m.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.002
 
 
-def test_gradient_checkpointing_same_gradients():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing_same_gradients(family):
     torch.manual_seed(0)
-    m = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=32, vocab_size=50))
+    m = GPT(GPTConfig(**dict(dict(n_layer=3, n_head=2, n_embd=32, block_size=32, vocab_size=50), **family)))
     idx = torch.randint(0, 50, (2, 16))
     grads = []
     for ckpt in (False, True):
@@ -132,9 +135,10 @@ def test_gradient_checkpointing_same_gradients():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
-def test_compile_matches_eager():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compile_matches_eager(family):
     torch.manual_seed(0)
-    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50)).eval()
+    m = GPT(GPTConfig(**dict(dict(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50), **family))).eval()
     idx = torch.randint(0, 50, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(m)(idx)[0], m(idx)[0], atol=1e-5, rtol=0)
@@ -147,7 +151,7 @@ def test_hf_folder_without_weights(tmp_path):
         hf.load(str(folder))
 
 
-@pytest.mark.parametrize("family", [dict(family="gpt2"), dict(family="llama", n_head=4, n_kv_head=2, bias=False)])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_cache_protocol_chunks_and_left_padding(family):
     """Prefill in two chunks then one token at a time, with the second row left-padded by 3
     tokens: every real position's hidden state equals the no-cache forward of its own row."""
