@@ -12,7 +12,7 @@ import checkpoint
 import hf
 from configurator import UserError, run
 from model import GPTConfig
-from tokenizer import TOKENIZER_FILE
+from tokenizer import TOKENIZER_FILE, tokenizer_from_meta
 
 DEFAULTS = dict(
     to="", source="", out_dir="", out="", overwrite=False,
@@ -54,7 +54,10 @@ def to_hf(cfg):
     if cfg["shard_gb"] <= 0:
         raise UserError(f"shard_gb={cfg['shard_gb']} must be positive")
     model, tokenizer, _ = checkpoint.load_model(cfg["source"])
-    files = hf.export(model, out, shard_bytes=int(cfg["shard_gb"] * 1e9))
+    # a tokenizer.json's end-of-text id (Llama's </s>, our BPE's <|endoftext|>) is where
+    # transformers' generate stops
+    eos = tokenizer_from_meta(tokenizer).eot if "tokenizer_json" in tokenizer else None
+    files = hf.export(model, out, shard_bytes=int(cfg["shard_gb"] * 1e9), eos_token_id=eos)
     print(f"wrote {out}/config.json and {len(files)} safetensors file(s); load with "
           f"transformers.AutoModelForCausalLM.from_pretrained({out!r})")
     if tokenizer.get("tokenizer") == "gpt2":

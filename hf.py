@@ -361,13 +361,16 @@ def _nbytes(t):
     return t.numel() * t.element_size()
 
 
-def export(model, folder, shard_bytes=SHARD_BYTES):
+def export(model, folder, shard_bytes=SHARD_BYTES, eos_token_id=None):
     """Write `folder` so that transformers' AutoModelForCausalLM.from_pretrained(folder) loads it:
     config.json and the weights in the model's dtype, in shards of at most shard_bytes (with
-    model.safetensors.index.json) when they do not fit one."""
+    model.safetensors.index.json) when they do not fit one. eos_token_id: the tokenizer's
+    end-of-text id, when it has one."""
     c = model.config
     fam = FAMILIES[c.family]
     hf_config = dict(fam.hf_config(c), torch_dtype=str(model.head_weight.dtype).removeprefix("torch."))
+    if eos_token_id is not None:
+        hf_config["eos_token_id"] = eos_token_id
     params = dict(model.named_parameters())
     tensors = []
     for ours, pieces, transposed in fam.weights(c):

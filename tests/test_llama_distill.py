@@ -2,6 +2,7 @@
 with it, a tiny random HF Llama teacher on disk holding the same tokenizer.json, distilled into
 smaller Llama students in every mode (the shipped CodeLlama config with tiny sizes, depth pruning
 with student_init=teacher_layers), a Llama trained from scratch, and the student exported to HF."""
+import json
 import os
 import shutil
 
@@ -59,6 +60,7 @@ def test_codellama_config_distils_and_exports(recipe):
     assert (student.config.n_kv_head, student.config.tie_embeddings) == (2, True)
     run_script("convert.py", "to=hf", f"source={out}", f"out={exported}")
     assert (exported / "tokenizer.json").read_text() == (recipe["root"] / "tok" / "tokenizer.json").read_text()
+    assert json.loads((exported / "config.json").read_text())["eos_token_id"] == 0  # <|endoftext|>
     theirs = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
     idx = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
