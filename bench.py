@@ -99,13 +99,14 @@ def hf_model(cfg, n_positions):
         attn_implementation="sdpa"))
 
 
-def flops_per_token(model, T):
-    """6N + 12LCT for either implementation (our flops_per_token, counted the same way for HF)."""
-    if isinstance(model, GPT):
-        return model.flops_per_token(T)
-    c = model.config
-    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
-    return 6 * n + 12 * c.n_layer * c.n_embd * T
+def flops_per_token(model, cfg, T):
+    """6N + 12LCT, our count for either implementation: the transformers model is ours unpadded."""
+    if not isinstance(model, GPT):
+        config = student_config(cfg)
+        config.pad_vocab_to = 1
+        with torch.device("meta"):
+            model = GPT(config)
+    return model.flops_per_token(T)
 
 
 def ce(cfg, hf=False):
@@ -197,7 +198,7 @@ def bench_train(cfg, rt, sync, hf_ok):
     result = {}
     for name, m in models.items():
         tok_s = summary(times[name], tokens)
-        fpt = flops_per_token(m, T)
+        fpt = flops_per_token(m, cfg, T)
         result[name] = dict(tokens_per_s=tok_s, flops_per_token=fpt, params=sum(p.numel() for p in m.parameters()))
     if hf_ok:
         result["ratio_ours_over_hf"] = result["ours"]["tokens_per_s"]["median"] / \
@@ -234,7 +235,7 @@ def bench_distill(cfg, rt, sync):
 
 def cache_rows(cfg, teacher, x, rt):
     """teacher_cache.teacher_rows of one teacher: what cache_teacher.py computes for a block."""
-    return teacher_cache.teacher_rows([teacher.hidden_states], [teacher.lm_head.weight], [0.0], x,
+    return teacher_cache.teacher_rows([teacher.hidden_states], [teacher.head_weight], [0.0], x,
                                       cfg["vocab_size"], cfg["top_k"], rt.autocast)
 
 

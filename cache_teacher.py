@@ -68,7 +68,7 @@ def write(cfg, rt, data, teachers, weights, folder, meta):
         print(f"resuming: {len(mine) - len(todo)} of this rank's {len(mine)} blocks already on disk")
     models = [m.to(rt.device) for m in teachers]
     hidden = [torch.compile(m.hidden_states) if cfg["compile"] else m.hidden_states for m in models]
-    heads = [m.lm_head.weight for m in models]
+    heads = [m.head_weight for m in models]
     log_weights = [math.log(w) for w in weights]
     tokens = data.tokens["train"]
     bar = tqdm(total=count(mine), initial=count(mine) - count(todo), unit="tok", unit_scale=True,

@@ -14,8 +14,9 @@ import zipfile
 
 import torch
 
+import hf
 from configurator import UserError, first_line
-from model import GPT, GPTConfig
+from model import build
 from tokenizer import TOKENIZER_FILE, check_model, get_tokenizer
 
 LATEST, BEST = "ckpt.pt", "best.pt"
@@ -127,7 +128,9 @@ def tokenizer_of(ckpt):
 
 
 def model_from_checkpoint(ckpt, dropout=None, merge_lora=True):
-    """Rebuild the model a checkpoint holds; a LoRA checkpoint is its base plus its adapters."""
+    """Rebuild the model a checkpoint holds from the architecture it records (model_args: family
+    and config; a record without a family is GPT-2's); a LoRA checkpoint is its base plus its
+    adapters."""
     import lora
     info = ckpt.get("lora")
     if info:
@@ -139,29 +142,44 @@ def model_from_checkpoint(ckpt, dropout=None, merge_lora=True):
         model.load_state_dict(ckpt["model"], strict=False)
         model.lora_info = info
         return lora.merge(model) if merge_lora else model
-    config = GPTConfig.from_dict(ckpt["model_args"])
-    if dropout is not None:
-        config.dropout = dropout
-    model = GPT(config)
+    args = ckpt["model_args"] if dropout is None else dict(ckpt["model_args"], dropout=dropout)
+    model = build(args)
     model.load_state_dict(ckpt["model"])
     return model
 
 
-def load_model(source, device="cpu", dropout=None):
+def hf_tokenizer(source):
+    """The tokenizer record of a HF folder (its tokenizer.json, GPT-2's when a GPT-2 folder has
+    none) or a GPT-2 hub name, checked against the vocab its config.json gives the model."""
+    if not os.path.isdir(source):
+        return GPT2_TOKENIZER
+    fam, args = hf.read_config(source)
+    if os.path.isfile(os.path.join(source, TOKENIZER_FILE)):  # GPT-2's own is recognised as gpt2
+        tokenizer = get_tokenizer(source).info
+    elif fam.tokenizer:
+        tokenizer = dict(fam.tokenizer, vocab_size=args["vocab_size"])
+    else:
+        raise UserError(f"{source} holds no {TOKENIZER_FILE}, so its tokenizer is unknown; copy the "
+                        f"model's tokenizer.json into it (transformers' tokenizer.save_pretrained writes one)")
+    check_model(tokenizer, args["vocab_size"], source)
+    return tokenizer
+
+
+def load_model(source, device="cpu", dropout=None, dtype=None, pad_vocab_to=1):
     """(model, tokenizer info, checkpoint dict or None) from our checkpoint (file or out_dir), a
-    HF GPT-2 folder, or a GPT-2 name. LoRA adapters are merged into their base."""
+    HF folder (GPT-2, Llama or Qwen2; its tokenizer.json when it has one), or a GPT-2 name. LoRA
+    adapters are merged into their base. dtype: the parameters' (default float32); a HF folder is
+    read straight into them. pad_vocab_to: a HF model's embedding rows rounded up to a multiple."""
     if is_checkpoint(source):
         ckpt = load(source)
         model = model_from_checkpoint(ckpt, dropout)
         check_model(tokenizer_of(ckpt), model.config.vocab_size, source)
-        return model.to(device), tokenizer_of(ckpt), ckpt
+        return model.to(device=device, dtype=dtype), tokenizer_of(ckpt), ckpt
     if os.path.isdir(source) and not is_hf_folder(source):
         raise UserError(f"{source} holds neither {LATEST} nor a HF config.json")
     if not os.path.exists(source) and ("/" in source or source.endswith(".pt")):
         raise UserError(f"checkpoint not found: {source}")
-    model = GPT.from_pretrained(source, dropout=dropout or 0.0)
-    tokenizer = dict(GPT2_TOKENIZER, vocab_size=model.config.vocab_size)
-    if os.path.isfile(os.path.join(source, TOKENIZER_FILE)):  # GPT-2's own is recognised as gpt2
-        tokenizer = get_tokenizer(source).info
+    tokenizer = hf_tokenizer(source)  # before the weights are read: a mismatch should not wait for them
+    model = hf.load(source, dtype=dtype, dropout=dropout or 0.0, pad_vocab_to=pad_vocab_to)
     check_model(tokenizer, model.config.vocab_size, source)
     return model.to(device), tokenizer, None

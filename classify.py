@@ -101,6 +101,10 @@ class GPTClassifier(nn.Module):
     def config(self):  # make_optimizer reads n_layer from here for layer-wise learning rates
         return self.backbone.config
 
+    def depth_of(self, name):
+        """The backbone's depths; the classification head sits with its final norm, on top."""
+        return self.backbone.depth_of(name.removeprefix("backbone."))
+
     def features(self, idx, lengths=None):
         """(B, T) right-padded ids -> (B, C) hidden state at each row's last real token.
         Without lengths, a row ends after its last token that is not pad_id (only safe when the

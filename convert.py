@@ -1,18 +1,18 @@
-"""GPT-2 weights in and out: a HF folder or name becomes our checkpoint, our checkpoint a HF folder.
+"""HF weights in and out (GPT-2, Llama, Qwen2; hf.py): a HF folder or GPT-2 name becomes our
+checkpoint, our checkpoint a HF folder.
 
     python convert.py to=ours source=gpt2-large out_dir=out/gpt2-large   # then init_from=out/gpt2-large
-    python convert.py to=ours source=path/to/hf_folder out_dir=out/mine
+    python convert.py to=ours source=path/to/CodeLlama-7b-hf out_dir=out/codellama
     python convert.py to=hf source=out/student out=hf/student          # transformers can load it
 """
 import math
 import os
 
-import torch
-
 import checkpoint
 from configurator import OUT_DIR, UserError, run
-from model import GPT, GPTConfig, export_hf
-from tokenizer import TOKENIZER_FILE
+import hf
+from model import GPTConfig
+from tokenizer import TOKENIZER_FILE, tokenizer_from_meta
 
 DEFAULTS = dict(
     to="",  # ours: a HF folder or GPT-2 name becomes our checkpoint; hf: our checkpoint a HF folder
@@ -20,8 +20,9 @@ DEFAULTS = dict(
     out_dir="",  # to=ours: the checkpoint folder written (fine-tune with init_from=out_dir)
     out="",  # to=hf: the HF folder written (config.json, model.safetensors)
     overwrite=False,  # replace what out_dir or out already holds
+    shard_gb=5.0,  # to=hf: safetensors shards of at most this many GB (transformers' default), with an index
 )
-LIMITS = dict(to=("ours", "hf"), out_dir=OUT_DIR, out=OUT_DIR)
+LIMITS = dict(to=("ours", "hf"), out_dir=OUT_DIR, out=OUT_DIR, shard_gb="(0, inf)")
 
 
 def to_ours(cfg):
@@ -34,17 +35,10 @@ def to_ours(cfg):
     if checkpoint.is_checkpoint(cfg["source"]):
         raise UserError(f"{cfg['source']} is already our checkpoint; to=ours reads a HF folder or "
                         f"a GPT-2 name")
-    hf, tokenizer, _ = checkpoint.load_model(cfg["source"])
-    # HF keeps the vocab at 50257; padding the embedding to a multiple of 64 makes fine-tuning
+    # HF keeps the vocab as is (50257); padding the embedding to a multiple of 64 makes fine-tuning
     # matmuls faster, and the extra rows are zeros whose logits nothing ever reads
-    config = GPTConfig.from_dict(dict(hf.config.to_dict(), pad_vocab_to=GPTConfig.pad_vocab_to))
-    model = GPT(config)
-    sd = hf.state_dict()
-    sd["transformer.wte.weight"] = torch.cat([
-        sd["transformer.wte.weight"],
-        sd["transformer.wte.weight"].new_zeros(config.padded_vocab_size - config.vocab_size, config.n_embd)])
-    sd["lm_head.weight"] = sd["transformer.wte.weight"]
-    model.load_state_dict(sd)
+    model, tokenizer, _ = checkpoint.load_model(cfg["source"], pad_vocab_to=GPTConfig.pad_vocab_to)
+    config = model.config
     if cfg["overwrite"]:
         checkpoint.clear(out_dir)
     state = dict(model=model.state_dict(), model_args=config.to_dict(), config=cfg, step=0,
@@ -63,9 +57,12 @@ def to_hf(cfg):
     if not checkpoint.is_checkpoint(cfg["source"]):
         raise UserError(f"checkpoint not found: {cfg['source']} (to=hf reads our out_dir or a .pt file)")
     model, tokenizer, _ = checkpoint.load_model(cfg["source"])
-    export_hf(model, out)
-    print(f"wrote {out}/model.safetensors and config.json; load with "
-          f"transformers.GPT2LMHeadModel.from_pretrained({out!r})")
+    # a tokenizer.json's end-of-text id (Llama's </s>, our BPE's <|endoftext|>) is where
+    # transformers' generate stops
+    eos = tokenizer_from_meta(tokenizer).eot if "tokenizer_json" in tokenizer else None
+    files = hf.export(model, out, shard_bytes=int(cfg["shard_gb"] * 1e9), eos_token_id=eos)
+    print(f"wrote {out}/config.json and {len(files)} safetensors file(s); load with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({out!r})")
     if tokenizer.get("tokenizer") == "gpt2":
         print("tokenizer: GPT-2's own (transformers.AutoTokenizer.from_pretrained('gpt2'))")
     elif "tokenizer_json" in tokenizer:

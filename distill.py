@@ -26,28 +26,30 @@ from trainer import init_model, train
 
 DEFAULTS = dict(
     TRAIN_DEFAULTS,
-    teacher="",  # our out_dir or .pt, a HF GPT-2 folder, or a GPT-2 name
+    teacher="",  # our out_dir or .pt, a HF folder (GPT-2, Llama, Qwen2), or a GPT-2 name
+    teacher_dtype="float32",  # the teacher's weights in memory: float32, or bfloat16 / float16 (half the bytes)
     distill_type="hybrid",  # output: CE on teacher-written data; logit: soft loss only; hybrid: both
     alpha=0.5,  # weight of the hard (CE) loss in hybrid mode; the soft loss gets 1 - alpha
     temperature=2.0,  # softens both distributions; the soft loss is scaled by T^2
     kd_loss="forward_kl",  # the soft loss: KL(teacher||student), KL(student||teacher) or JSD
     jsd_beta=0.5,  # JSD's mixture weight of the teacher
     alpha_cos=0.0,  # weight of DistilGPT2's cosine loss on last hidden states (needs equal widths)
-    student_init="",  # teacher_layers: copy embeddings, ln_f and teacher_layers' blocks; empty: init_from
+    student_init="",  # teacher_layers: copy embeddings, final norm, head and teacher_layers' blocks; empty: init_from
     teacher_cache="",  # a cache_teacher.py folder to distill from instead of running the teacher
     teacher_layers="",  # teacher blocks to copy, e.g. 0,2,4,7,9,11; empty: evenly spaced, ends kept
 )
 LIMITS = dict(
     TRAIN_LIMITS, distill_type=("output", "logit", "hybrid"), alpha="[0, 1]", temperature="(0, inf)",
     kd_loss=KINDS, jsd_beta="(0, 1)", alpha_cos="[0, inf)",
-    student_init=("", "teacher_layers"),
+    student_init=("", "teacher_layers"), teacher_dtype=("float32", "bfloat16", "float16"),
 )
 
 
 def load_teacher(cfg, data, rt):
     if not cfg["teacher"]:
         raise UserError(f"distill_type={cfg['distill_type']} needs teacher=<out_dir | HF folder | gpt2 name>")
-    teacher, tok, _ = checkpoint.load_model(cfg["teacher"], rt.device)
+    # a HF teacher is read straight into tensors of teacher_dtype: its weights are never held twice
+    teacher, tok, _ = checkpoint.load_model(cfg["teacher"], rt.device, dtype=getattr(torch, cfg["teacher_dtype"]))
     check_same(f"teacher {cfg['teacher']}", tok, f"dataset {cfg['dataset']}", data.tokenizer,
                "teacher and student must share one tokenizer")
     if cfg["block_size"] > teacher.config.block_size:
@@ -64,24 +66,13 @@ def default_layers(n_teacher, n_student):
     return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
 
 
-@torch.no_grad()
 def init_from_teacher_layers(student, teacher, layers_spec):
-    s, t = student.config, teacher.config
-    if (s.n_embd, s.n_head) != (t.n_embd, t.n_head):
-        raise UserError(f"student_init=teacher_layers needs the teacher's width: student n_embd={s.n_embd} "
-                        f"n_head={s.n_head}, teacher n_embd={t.n_embd} n_head={t.n_head}")
-    if s.bias != t.bias:
-        raise UserError(f"student bias={s.bias} but teacher bias={t.bias}: set bias={t.bias}")
-    layers = comma_list(layers_spec, "teacher_layers", convert=int) or default_layers(t.n_layer, s.n_layer)
-    if len(layers) != s.n_layer or not all(0 <= i < t.n_layer for i in layers):
-        raise UserError(f"teacher_layers={layers} must name n_layer={s.n_layer} blocks of the "
-                        f"teacher's {t.n_layer}")
-    V = s.vocab_size
-    student.transformer.wte.weight[:V] = teacher.transformer.wte.weight[:V]
-    student.transformer.wpe.weight.copy_(teacher.transformer.wpe.weight[:s.block_size])
-    student.transformer.ln_f.load_state_dict(teacher.transformer.ln_f.state_dict())
-    for i, j in enumerate(layers):
-        student.transformer.h[i].load_state_dict(teacher.transformer.h[j].state_dict())
+    t = teacher.config.n_layer
+    layers = comma_list(layers_spec, "teacher_layers", convert=int) or default_layers(t, student.config.n_layer)
+    if len(layers) != student.config.n_layer or not all(0 <= i < t for i in layers):
+        raise UserError(f"teacher_layers={layers} must name n_layer={student.config.n_layer} blocks of "
+                        f"the teacher's {t}")
+    student.init_from_layers(teacher, layers)
     return layers
 
 

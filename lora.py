@@ -1,8 +1,9 @@
 """LoRA (Hu et al. 2021): frozen base weights plus a trainable low-rank update B·A·(alpha/rank).
 
-Targets name the GPT-2 linears: attn (c_attn), attn_proj (attn.c_proj), mlp (c_fc), mlp_proj
-(mlp.c_proj). B starts at zero, so the adapted model starts equal to the base. A LoRA checkpoint
-stores only the adapters and the name of its base; `merge` folds them into plain weights.
+Targets are the names the model gives the linears of its blocks (model.lora_targets): attn (q, k
+and v), attn_proj (the attention output), mlp (the MLP's input; Llama: gate and up), mlp_proj (its
+output). B starts at zero, so the adapted model starts equal to the base. A LoRA checkpoint stores
+only the adapters and the name of its base; `merge` folds them into plain weights.
 """
 import math
 
@@ -11,9 +12,6 @@ import torch.nn as nn
 
 from configurator import UserError
 from inputs import comma_list
-
-TARGETS = {"attn": "attn.c_attn", "attn_proj": "attn.c_proj", "mlp": "mlp.c_fc", "mlp_proj": "mlp.c_proj"}
-
 
 class LoRALinear(nn.Module):
     def __init__(self, base, rank, alpha, dropout):
@@ -34,8 +32,8 @@ class LoRALinear(nn.Module):
         return self.base
 
 
-def parse_targets(spec):
-    return comma_list(spec, "lora_targets", choices=TARGETS)
+def parse_targets(spec, targets):
+    return comma_list(spec, "lora_targets", choices=targets)
 
 
 def apply(model, rank, alpha, dropout=0.0, targets="attn,attn_proj,mlp,mlp_proj"):
@@ -43,9 +41,9 @@ def apply(model, rank, alpha, dropout=0.0, targets="attn,attn_proj,mlp,mlp_proj"
     if rank <= 0:
         raise UserError(f"lora_rank={rank} must be positive")
     model.requires_grad_(False)
-    for block in model.transformer.h:
-        for t in parse_targets(targets):
-            parent_name, child = TARGETS[t].split(".")
+    for block in model.blocks:
+        for t in parse_targets(targets, model.lora_targets):
+            parent_name, child = model.lora_targets[t].split(".")
             parent = getattr(block, parent_name)
             setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
     return model
@@ -56,10 +54,9 @@ def adapter_state(model):
 
 
 def merge(model):
-    """Fold every adapter into its base linear: a plain GPT again, same outputs."""
-    for block in model.transformer.h:
-        for parent in (block.attn, block.mlp):
-            for child, mod in list(parent.named_children()):
-                if isinstance(mod, LoRALinear):
-                    setattr(parent, child, mod.merged())
+    """Fold every adapter into its base linear: a plain model again, same outputs."""
+    for parent in list(model.modules()):
+        for child, mod in list(parent.named_children()):
+            if isinstance(mod, LoRALinear):
+                setattr(parent, child, mod.merged())
     return model

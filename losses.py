@@ -410,7 +410,7 @@ def kd_loss_fn(teacher, vocab_size, alpha, kind="forward_kl", temperature=2.0, j
             return hard, dict(hard=hard.detach())
         return hard_only
     teacher_hidden = torch.compile(teacher.hidden_states) if compile_teacher else teacher.hidden_states
-    head = teacher.lm_head.weight
+    head = teacher.head_weight
 
     def loss_fn(model, x, y):
         logits, _, h = model(x, return_hidden=True)

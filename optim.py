@@ -29,21 +29,12 @@ def lr_at(step, cfg):
     return cfg["min_lr"] + coeff * (lr - cfg["min_lr"])
 
 
-def depth_of(name, n_layer):
-    """Depth of a parameter for layer-wise LR decay: embeddings 0, block i -> i+1, head n+1."""
-    if ".h." in name:
-        return int(name.split(".h.")[1].split(".")[0]) + 1
-    if "wte" in name or "wpe" in name:
-        return 0
-    return n_layer + 1
-
-
 def freeze(model, n_blocks):
-    """Freeze embeddings and the first n_blocks blocks (the LM head is tied to wte: frozen too)."""
+    """Freeze the embeddings and the first n_blocks blocks (a head tied to the embedding with them)."""
     if n_blocks <= 0:
         return
     for name, p in model.named_parameters():
-        if "wte" in name or "wpe" in name or depth_of(name, model.config.n_layer) <= n_blocks:
+        if model.depth_of(name) <= n_blocks:
             p.requires_grad_(False)
 
 
@@ -56,7 +47,7 @@ def make_optimizer(model, cfg, device_type):
         if not p.requires_grad:
             continue
         decay = p.dim() >= 2
-        depth = depth_of(name, n) if cfg["layer_lr_decay"] != 1.0 else n + 1
+        depth = model.depth_of(name) if cfg["layer_lr_decay"] != 1.0 else n + 1
         key = (depth, decay)
         if key not in groups:
             groups[key] = dict(params=[], weight_decay=cfg["weight_decay"] if decay else 0.0,

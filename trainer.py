@@ -51,6 +51,12 @@ DEFAULTS = dict(
     n_layer=6, n_head=6, n_embd=384,  # blocks, attention heads, width
     dropout=0.0,  # dropout probability in attention, MLP and embeddings
     bias=True,  # biases in Linear and LayerNorm layers, as GPT-2 has
+    family="gpt2",  # gpt2 (learned positions, LayerNorm, GELU) or llama (RoPE, RMSNorm, SwiGLU, GQA)
+    n_kv_head=0,  # key/value heads; fewer than n_head is grouped-query attention; 0: n_head
+    intermediate_size=0,  # MLP width; 0: the family's (gpt2 4*n_embd, llama 8/3*n_embd rounded up to 256)
+    rope_theta=10000.0,  # base of the rotary frequencies (llama)
+    norm_eps=1e-5,  # epsilon of the LayerNorms / RMSNorms
+    tie_embeddings=True,  # the LM head shares the token embedding (gpt2 always; llama usually not)
     # AdamW and schedule
     learning_rate=6e-4,  # peak learning rate, reached after warmup_iters
     max_iters=5000,  # optimizer steps in all (a resumed run counts the steps already done)
@@ -89,7 +95,8 @@ LIMITS = dict(
     lr_decay_iters="[0, inf)", min_lr="[0, inf)", decay=optim.DECAYS,
     freeze_layers="[0, inf)", layer_lr_decay="(0, 1]", label_smoothing="[0, 1)", lora_rank="[0, inf)",
     lora_alpha="(0, inf)", lora_dropout="[0, 1)", chunk_rows="[0, inf)",
-    dtype=DTYPE_CHOICES, seed="[0, inf)", max_bad_steps="[0, inf)",
+    dtype=DTYPE_CHOICES, seed="[0, inf)", max_bad_steps="[0, inf)", family=("gpt2", "llama"),
+    n_kv_head="[0, inf)", intermediate_size="[0, inf)", rope_theta="(0, inf)", norm_eps="(0, inf)",
 )
 
 
@@ -383,7 +390,7 @@ def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None):
 
 def init_model(cfg, data, rt):
     """The model named by init_from, on rt.device: (model, checkpoint to resume from or None)."""
-    from model import GPT, GPT2_SIZES, GPTConfig
+    from model import GPT2_SIZES, build
 
     init, out_dir = cfg["init_from"], cfg["out_dir"]
     resume = None
@@ -391,16 +398,14 @@ def init_model(cfg, data, rt):
         if checkpoint.is_checkpoint(out_dir) and not cfg["overwrite"]:
             raise UserError(f"{out_dir} already holds a run's checkpoint; use init_from=resume to "
                             f"continue it, another out_dir, or overwrite=True to start over")
-        if cfg["model"] and cfg["model"] not in GPT2_SIZES:
-            raise UserError(f"model={cfg['model']!r}: use one of {', '.join(GPT2_SIZES)} or set "
-                            f"n_layer/n_head/n_embd")
-        sizes = GPT2_SIZES.get(cfg["model"]) or dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"],
-                                                     n_embd=cfg["n_embd"])
-        if sizes["n_embd"] % sizes["n_head"]:
-            raise UserError(f"n_embd={sizes['n_embd']} is not divisible by n_head={sizes['n_head']}")
+        if cfg["model"] and (cfg["model"] not in GPT2_SIZES or cfg["family"] != "gpt2"):
+            raise UserError(f"model={cfg['model']!r}: use one of {', '.join(GPT2_SIZES)} (with "
+                            f"family=gpt2) or set n_layer/n_head/n_embd")
+        keys = ("family", "n_layer", "n_head", "n_embd", "n_kv_head", "intermediate_size", "rope_theta",
+                "norm_eps", "tie_embeddings", "bias", "dropout", "block_size")
+        args = dict({k: cfg[k] for k in keys}, **GPT2_SIZES.get(cfg["model"], {}), vocab_size=data.vocab_size)
         torch.manual_seed(cfg["seed"])
-        model = GPT(GPTConfig(**sizes, block_size=cfg["block_size"], vocab_size=data.vocab_size,
-                              bias=cfg["bias"], dropout=cfg["dropout"]))
+        model = build(args)
     elif init == "resume":
         resume = checkpoint.load(out_dir)
         if "optimizer" not in resume:

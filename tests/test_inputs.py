@@ -7,6 +7,7 @@ import pytest
 import lora
 from configurator import UserError
 from inputs import comma_list, expand_files, named_sources, read_text_file, timestamped
+from model import GPT
 
 
 def test_comma_lists():
@@ -14,10 +15,10 @@ def test_comma_lists():
     assert comma_list("0, 2,11", "teacher_layers", convert=int) == [0, 2, 11]
     with pytest.raises(UserError, match=r"teacher_layers='0,x': 'x' is not a valid int"):
         comma_list("0,x", "teacher_layers", convert=int)
-    assert lora.parse_targets("attn, mlp") == ["attn", "mlp"]
+    assert lora.parse_targets("attn, mlp", GPT.lora_targets) == ["attn", "mlp"]
     for bad in ("attn,nope", " , "):
         with pytest.raises(UserError, match="lora_targets=.*: choose from attn, attn_proj, mlp, mlp_proj"):
-            lora.parse_targets(bad)
+            lora.parse_targets(bad, GPT.lora_targets)
 
 
 def test_named_sources():

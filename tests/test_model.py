@@ -3,9 +3,13 @@ distillation relies on (all-position logits, padded vocab, gradient checkpointin
 import pytest
 import torch
 
-from model import GPT, GPTConfig, export_hf
+import hf
+from model import GPT, GPTConfig
+from protocol_cache import ProtocolCache
 
 transformers = pytest.importorskip("transformers")
+# what a test of either family changes in a small GPT-2 config
+FAMILIES = [dict(family="gpt2"), dict(family="llama", n_head=4, n_kv_head=2, bias=False)]
 
 
 def hf_model(tmp_path, n_layer=3, n_embd=96, n_head=3, vocab=50257, n_positions=128, seed=0):
@@ -27,11 +31,11 @@ def tokens(B=2, T=37, V=50257, seed=1):
 
 
 def test_import_matches_transformers(tmp_path):
-    hf, folder = hf_model(tmp_path)
-    ours = GPT.from_pretrained(str(folder)).eval()
+    ref_model, folder = hf_model(tmp_path)
+    ours = hf.load(str(folder)).eval()
     idx = tokens()
     with torch.no_grad():
-        ref = hf(idx).logits
+        ref = ref_model(idx).logits
         got, _ = ours(idx)
     assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
@@ -41,12 +45,12 @@ def test_export_round_trip(tmp_path):
     torch.manual_seed(0)
     ours = GPT(GPTConfig(n_layer=2, n_head=3, n_embd=48, block_size=64, vocab_size=50257)).eval()
     assert ours.config.padded_vocab_size == 50304
-    export_hf(ours, tmp_path / "exp")
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "exp").eval()
+    hf.export(ours, tmp_path / "exp")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "exp").eval()
     idx = tokens(T=20)
     with torch.no_grad():
-        torch.testing.assert_close(hf(idx).logits, ours(idx)[0][..., :50257], atol=1e-4, rtol=0)
-    back = GPT.from_pretrained(str(tmp_path / "exp")).eval()
+        torch.testing.assert_close(theirs(idx).logits, ours(idx)[0][..., :50257], atol=1e-4, rtol=0)
+    back = hf.load(str(tmp_path / "exp")).eval()
     with torch.no_grad():
         torch.testing.assert_close(back(idx)[0], ours(idx)[0][..., :50257], atol=1e-5, rtol=0)
 
@@ -54,20 +58,20 @@ def test_export_round_trip(tmp_path):
 def test_export_without_bias(tmp_path):
     torch.manual_seed(0)
     ours = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=100, bias=False)).eval()
-    export_hf(ours, tmp_path / "nb")
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "nb").eval()
+    hf.export(ours, tmp_path / "nb")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "nb").eval()
     idx = tokens(T=10, V=100)
     with torch.no_grad():
-        torch.testing.assert_close(hf(idx).logits, ours(idx)[0][..., :100], atol=1e-4, rtol=0)
+        torch.testing.assert_close(theirs(idx).logits, ours(idx)[0][..., :100], atol=1e-4, rtol=0)
 
 
 def test_greedy_cache_equals_recompute_and_transformers(tmp_path):
-    hf, folder = hf_model(tmp_path, n_positions=128)
-    ours = GPT.from_pretrained(str(folder)).eval()
+    theirs, folder = hf_model(tmp_path, n_positions=128)
+    ours = hf.load(str(folder)).eval()
     prompt = tokens(B=1, T=9, seed=3)
     cached = ours.generate(prompt, 64, temperature=0)
     full = ours.generate(prompt, 64, temperature=0, use_cache=False)
-    ref = hf.generate(prompt, max_new_tokens=64, do_sample=False, min_new_tokens=64,
+    ref = theirs.generate(prompt, max_new_tokens=64, do_sample=False, min_new_tokens=64,
                       attention_mask=torch.ones_like(prompt), pad_token_id=0)
     assert cached.tolist() == full.tolist()
     assert cached.tolist() == ref.tolist()
@@ -116,9 +120,10 @@ def test_init_and_tying():
     assert abs(m.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.002
 
 
-def test_gradient_checkpointing_same_gradients():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing_same_gradients(family):
     torch.manual_seed(0)
-    m = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=32, vocab_size=50))
+    m = GPT(GPTConfig(**dict(dict(n_layer=3, n_head=2, n_embd=32, block_size=32, vocab_size=50), **family)))
     idx = torch.randint(0, 50, (2, 16))
     grads = []
     for ckpt in (False, True):
@@ -130,9 +135,10 @@ def test_gradient_checkpointing_same_gradients():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
-def test_compile_matches_eager():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compile_matches_eager(family):
     torch.manual_seed(0)
-    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50)).eval()
+    m = GPT(GPTConfig(**dict(dict(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50), **family))).eval()
     idx = torch.randint(0, 50, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(m)(idx)[0], m(idx)[0], atol=1e-5, rtol=0)
@@ -142,4 +148,25 @@ def test_hf_folder_without_weights(tmp_path):
     _, folder = hf_model(tmp_path, n_layer=1, n_embd=24, n_head=2, vocab=100)
     (folder / "model.safetensors").unlink()
     with pytest.raises(Exception, match="holds no weights"):
-        GPT.from_pretrained(str(folder))
+        hf.load(str(folder))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_protocol_chunks_and_left_padding(family):
+    """Prefill in two chunks then one token at a time, with the second row left-padded by 3
+    tokens: every real position's hidden state equals the no-cache forward of its own row."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(**dict(dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50), **family))).eval()
+    a, b = torch.randint(0, 50, (1, 12)), torch.randint(0, 50, (1, 9))
+    pad = 3
+    idx = torch.cat([a, torch.cat([torch.zeros(1, pad, dtype=torch.long), b], 1)])
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :pad] = False
+    positions = torch.stack([torch.arange(12), (torch.arange(12) - pad).clamp(min=0)])
+    cache = ProtocolCache(valid)
+    with torch.no_grad():
+        chunks = [(0, 6), (6, 10), (10, 11), (11, 12)]
+        h = torch.cat([cache.forward(m, idx[:, s:e], positions[:, s:e]) for s, e in chunks], 1)
+        torch.testing.assert_close(h[:1], m.hidden_states(a), atol=1e-5, rtol=0)
+        torch.testing.assert_close(h[1:, pad:], m.hidden_states(b), atol=1e-5, rtol=0)
+        torch.testing.assert_close(m.logits(h[:1]), m(a)[0], atol=1e-5, rtol=0)
