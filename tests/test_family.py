@@ -180,7 +180,7 @@ def test_seam_no_family_modules_outside_model_and_hf():
 
 def convert_error(capsys, source, out_dir):
     with pytest.raises(SystemExit) as e:
-        run(convert.main, convert.DEFAULTS, ["to=ours", f"source={source}", f"out_dir={out_dir}"])
+        run(convert.main, convert.DEFAULTS, convert.LIMITS, ["to=ours", f"source={source}", f"out_dir={out_dir}"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert not os.path.exists(out_dir)
@@ -229,7 +229,7 @@ def test_bad_hf_folders_are_one_line_errors(tmp_path, capsys):
     assert "rope scaling 'llama3'" in convert_error(capsys, folder, out)
 
     edit_config(folder, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
-    run(convert.main, convert.DEFAULTS, ["to=ours", f"source={folder}", f"out_dir={out}"])
+    run(convert.main, convert.DEFAULTS, convert.LIMITS, ["to=ours", f"source={folder}", f"out_dir={out}"])
     assert checkpoint.load(str(out))["model_args"]["family"] == "llama"
 
 

@@ -73,8 +73,8 @@ def test_hybrid_from_teacher_layers(recipe):
     p = run_script("distill.py", f"teacher={recipe['teacher']}", "teacher_dtype=bfloat16", f"dataset={recipe['data']}",
                    f"out_dir={out}", *SMALL, "family=llama", "n_head=6", "n_kv_head=2", "n_embd=48",
                    "intermediate_size=100", "rope_theta=1e6", "tie_embeddings=False", "bias=False",
-                   "distill_type=hybrid", "student_init=teacher_layers", "learning_rate=0.0", "min_lr=0.0")
-    assert "teacher blocks [0, 3]" in p.stdout and len(soft_losses(out)) == 3
+                   "distill_type=hybrid", "student_init=teacher_layers", "max_iters=0")
+    assert "teacher blocks [0, 3]" in p.stdout
     student = checkpoint.load_model(str(out))[0]
     teacher = hf.load(recipe["teacher"])  # bf16 on disk: the student holds the same values in fp32
     assert torch.equal(student.blocks[1].mlp.c_fc.weight, teacher.blocks[3].mlp.c_fc.weight)
