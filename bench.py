@@ -3,6 +3,7 @@ machine and side by side with transformers' GPT2LMHeadModel in the same run.
 
     python bench.py                                   # the 6x384 model, fp32 on CPU, bf16 on CUDA
     python bench.py compile=True parts=train,distill
+    python bench.py parts=generate gen_batch=32 gen_batch_tokens=256     # engine vs transformers generate
     python bench.py dtype=bfloat16 n_layer=12 n_head=12 n_embd=768 block_size=1024 batch_size=16
 
 Each figure is the median of up to `repeats` timed calls after `warmup` untimed ones, with min and
