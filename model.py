@@ -9,8 +9,10 @@ and, as a rule, an untied head. Qwen2 is Llama with biases on q, k and v.
 Both share one module layout (transformer.wte/h/ln_f, attn.c_attn = q|k|v, mlp.c_fc, c_proj,
 lm_head), so the rest of the code asks the model, never a family, for what it needs: its
 `blocks`, `depth_of` a parameter, `lora_targets`, its output head (`logits`, `head_weight`),
-`num_params`, `flops_per_token`, and `init_from_layers` of a deeper teacher. HF folders in and
-out are hf.py's.
+`num_params`, `flops_per_token`, and `init_from_layers` of a deeper teacher. Generation is
+engine.py's, through the cache protocol every family keeps: `hidden_states(idx, cache, positions)`,
+each attention layer's `cache.update(layer, k, v)` and `cache.attn_mask`. HF folders in and out
+are hf.py's.
 """
 import math
 from dataclasses import asdict, dataclass, fields
@@ -189,34 +191,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class LayerCache:
-    """Keys and values of every layer for the positions seen so far, preallocated to max_T; the
-    caller sets attn_mask before each forward and advances pos after it."""
-
-    def __init__(self, n_layer, max_T):
-        self.max_T = max_T
-        self.k, self.v = [None] * n_layer, [None] * n_layer
-        self.pos = 0
-        self.attn_mask = None
-
-    def update(self, layer, k, v):
-        B, nh, T, hs = k.shape
-        if self.k[layer] is None:  # allocated on first use, in the dtype autocast gave k
-            self.k[layer] = k.new_empty(B, nh, self.max_T, hs)
-            self.v[layer] = v.new_empty(B, nh, self.max_T, hs)
-        self.k[layer][:, :, self.pos:self.pos + T] = k
-        self.v[layer][:, :, self.pos:self.pos + T] = v
-        return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
-
-    def forward(self, model, idx):
-        """Hidden states of the new tokens idx (B, T), each attending to itself and all before it."""
-        T = idx.size(1)
-        self.attn_mask = torch.ones(T, self.pos + T, dtype=torch.bool, device=idx.device).tril(self.pos)
-        h = model.hidden_states(idx, self)
-        self.pos += T
-        return h
-
-
 class GPT(nn.Module):
     # LoRA's names for the linears of a block: q|k|v, the attention output, the MLP's input
     # (Llama: gate|up) and its output (Llama: down)
@@ -355,58 +329,6 @@ class GPT(nn.Module):
             V = self.config.vocab_size
             loss = F.cross_entropy(logits[..., :V].reshape(-1, V), targets.reshape(-1), ignore_index=-1)
         return (logits, loss, h) if return_hidden else (logits, loss)
-
-    # ---------------------------------------------------------------- generation
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 stop_token=None, generator=None, use_cache=True):
-        """Continue every row of idx (B, T). temperature 0 is greedy. Rows that emit stop_token
-        keep emitting it, so the caller can cut at the first one."""
-        cfg = self.config
-        B = idx.size(0)
-        cache = None
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            if use_cache and (cache is None or cache.pos >= cfg.block_size):
-                # (re)fill the cache; past block_size the window slides, and each step is then a
-                # full recompute of the last block_size tokens, exactly as without a cache
-                cache = LayerCache(cfg.n_layer, cfg.block_size)
-                h = cache.forward(self, idx[:, -cfg.block_size:])[:, -1]
-            elif use_cache:
-                h = cache.forward(self, idx[:, -1:])[:, -1]
-            else:
-                h = self.hidden_states(idx[:, -cfg.block_size:])[:, -1]
-            logits = self.logits(h)[:, :cfg.vocab_size].float()
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
-            if stop_token is not None:
-                nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
-                done |= nxt == stop_token
-            idx = torch.cat([idx, nxt[:, None]], dim=1)
-            if stop_token is not None and done.all():
-                break
-        return idx
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) float -> next token ids (B,)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        # nucleus sampling (Holtzman et al. 2020): the smallest set whose mass reaches top_p
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already enough
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 
 
 def build(model_args, dtype=None, device=None):

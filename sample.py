@@ -9,6 +9,11 @@ prompt gets num_samples responses, written as JSONL records {"prompt", "response
 "index", "sample"}: the data of sequence-level distillation (Kim & Rush 2016), where a student is
 fine-tuned on what the teacher writes. A killed run continues where it stopped when rerun with the
 same arguments, and the finished file is byte for byte the one an uninterrupted run writes.
+
+Prompts of any lengths share a batch (engine.py). Each row (prompt, sample) draws its random
+numbers from its own generator, seeded by (seed, prompt index, sample): its text does not depend on
+batch_size or on the rows beside it, up to the rounding of batched matmuls, which can change a
+draw that falls within about 1e-6 of a token boundary.
 """
 import collections
 import json
@@ -19,6 +24,7 @@ import time
 import torch
 
 import checkpoint
+import engine
 from configurator import OUT_FILE, UserError, run
 from inputs import check_file, field, read_jsonl, read_text_file
 from runtime import DTYPE_CHOICES, Runtime
@@ -66,8 +72,11 @@ def _prompt(record):
     return field(record, "prompt", blank_ok=True), {k: v for k, v in record.items() if k not in RESERVED}
 
 
-def encode(tok, text, where):
+def encode(tok, text, where, block_size):
     ids = tok.encode(text)
+    if len(ids) > block_size:
+        raise UserError(f"{where} is {len(ids)} tokens, more than the model's context of {block_size}; "
+                        f"shorten it")
     if ids:
         return ids
     if tok.eot is None:
@@ -76,34 +85,33 @@ def encode(tok, text, where):
     return [tok.eot]  # GPT-2 was trained with <|endoftext|> between documents: a fresh start
 
 
-def plan_batches(lengths, num_samples, batch_size):
-    """Rows (prompt index, sample) in batches of equal prompt length (generate() needs equal-length
-    rows), ordered by their first row. A pure function of the prompts: a rerun rebuilds the same
-    batches, so a batch cut short by a kill is regenerated identically."""
-    groups = {}
-    for i, n in enumerate(lengths):
-        groups.setdefault(n, []).extend((i, s) for s in range(num_samples))
-    return sorted(rows[k:k + batch_size] for rows in groups.values()
-                  for k in range(0, len(rows), batch_size))
+def plan_batches(n_prompts, num_samples, batch_size):
+    """Rows (prompt index, sample) in order, in batches of whole prompts (batch_size // num_samples
+    of them), or of one prompt's samples batch_size at a time when num_samples > batch_size. A pure
+    function of its arguments: a rerun rebuilds the same batches, so a batch cut short by a kill is
+    regenerated identically."""
+    per = max(1, batch_size // num_samples)
+    batches = []
+    for first in range(0, n_prompts, per):
+        rows = [(i, s) for i in range(first, min(first + per, n_prompts)) for s in range(num_samples)]
+        batches += [rows[k:k + batch_size] for k in range(0, len(rows), batch_size)]
+    return batches
+
+
+def row_seed(seed, index, sample):
+    return ((seed * 1_000_003 + index) * 1_000_003 + sample) % 2 ** 63
 
 
 def complete(model, tok, ids, rows, cfg, rt):
-    """Responses for the rows of one batch: decoded text cut at the first end-of-text."""
-    idx = torch.tensor([ids[i] for i, _ in rows], dtype=torch.long, device=rt.device)
-    # one generator per batch, seeded by the batch's first row: a batch's samples depend only on
-    # (seed, the batch), never on which batches ran before it in this process
-    first, sample = rows[0]
-    gen = torch.Generator(rt.device).manual_seed(
-        (cfg["seed"] * 1_000_003 + first * cfg["num_samples"] + sample) % 2 ** 63)
+    """Responses for the rows of one batch (each of its prompts with the same samples): decoded
+    text cut before the first end-of-text."""
+    prompts = sorted({i for i, _ in rows})
+    gens = [torch.Generator(rt.device).manual_seed(row_seed(cfg["seed"], i, s)) for i, s in rows]
     with rt.autocast():
-        y = model.generate(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None,
-                           cfg["top_p"], stop_token=tok.eot, generator=gen)
-    texts = []
-    for row in y[:, idx.size(1):].tolist():
-        if tok.eot in row:
-            row = row[:row.index(tok.eot)]
-        texts.append(tok.decode(row))
-    return texts
+        out = engine.generate(model, [ids[i] for i in prompts], cfg["max_new_tokens"], len(rows) // len(prompts),
+                              cfg["temperature"], cfg["top_k"], cfg["top_p"],
+                              stop_tokens=() if tok.eot is None else (tok.eot,), generator=gens)
+    return [tok.decode(c.tokens) for c in out]
 
 
 def read_done(path, prompts):
@@ -138,8 +146,9 @@ def read_done(path, prompts):
 def write_responses(model, tok, prompts, done, cfg, rt):
     from tqdm import tqdm
 
-    ids = [encode(tok, p, f"{cfg['prompts']} prompt {i}") for i, (p, _) in enumerate(prompts)]
-    batches = plan_batches([len(x) for x in ids], cfg["num_samples"], cfg["batch_size"])
+    block = model.config.block_size
+    ids = [encode(tok, p, f"{cfg['prompts']} prompt {i}", block) for i, (p, _) in enumerate(prompts)]
+    batches = plan_batches(len(ids), cfg["num_samples"], cfg["batch_size"])
     out = cfg["out"]
     left = collections.Counter(i for rows in batches for i, s in rows if (i, s) not in done)
     print(f"{len(prompts)} prompts x {cfg['num_samples']} samples in {len(batches)} batches; "
@@ -168,8 +177,8 @@ def write_responses(model, tok, prompts, done, cfg, rt):
 
 
 def print_samples(model, tok, start, cfg, rt):
-    ids = [encode(tok, start, "start")]
-    for rows in plan_batches([len(ids[0])], cfg["num_samples"], cfg["batch_size"]):
+    ids = [encode(tok, start, "start", model.config.block_size)]
+    for rows in plan_batches(1, cfg["num_samples"], cfg["batch_size"]):
         for text in complete(model, tok, ids, rows, cfg, rt):
             print(start + text)
             print(DASHES, flush=True)
@@ -189,7 +198,7 @@ def main(cfg):
     model, tok_info, _ = checkpoint.load_model(cfg["source"], rt.device)
     model.eval()
     if cfg["compile"]:
-        # generate() calls hidden_states once per new token with a growing cache: dynamic shapes
+        # the engine calls hidden_states once per new token with a growing cache: dynamic shapes
         # spare a recompile per length
         model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
     tok = tokenizer_from_meta(tok_info)

@@ -6,7 +6,8 @@ from conftest import run_script
 
 TINY_BENCH = ["n_layer=2", "n_head=2", "n_embd=64", "block_size=32", "batch_size=2",
               "teacher_n_layer=2", "teacher_n_head=2", "teacher_n_embd=64", "chunk_rows=16",
-              "warmup=1", "repeats=1", "gen_tokens=8,", "prompt_len=4", "device=cpu", "dtype=float32"]
+              "warmup=1", "repeats=1", "gen_tokens=8,", "gen_batch=3", "gen_batch_tokens=5", "prompt_len=4",
+              "device=cpu", "dtype=float32"]
 
 
 def positive(d, *path):
@@ -30,9 +31,14 @@ def test_bench_tiny_writes_every_section(tmp_path):
     assert res["distill"]["kd"]["chunked"]
     for variant in ("ce", "ce_checkpointed", "chunked", "unchunked"):
         positive(res, "memory", variant, "step_bytes")
-    for name in ("kv_cache", "full_recompute", "transformers"):
-        positive(res, "generate", "new_tokens", "8", name, "median")
-    positive(res, "generate", "new_tokens", "8", "ratio_kv_over_recompute")
+    for name in ("engine", "transformers"):
+        positive(res, "generate", "decode", "8", name, "median")
+        positive(res, "generate", "batch", name, "median")
+    for key in ("weight_bytes", "bandwidth", "bound_tokens_per_s"):
+        positive(res, "generate", key)
+    positive(res, "generate", "decode", "8", "engine_over_bound")
+    positive(res, "generate", "batch", "ratio_engine_over_hf")
+    assert res["generate"]["batch"]["engine"]["n"] == 1 and res["generate"]["batch"]["rows"] == 3
     for name in ("cached_step", "ce_step"):
         positive(res, "cached", name, "seconds", "median")
     positive(res, "cached", "ratio_cached_over_ce")
@@ -41,6 +47,7 @@ def test_bench_tiny_writes_every_section(tmp_path):
     assert res["cache_write"]["cache"]["bytes_per_token"] == 65 * 2 + 64 * 2
     assert "ours / transformers" in p.stdout and "chunked / CE" in p.stdout
     assert "cached distill / CE step" in p.stdout and "cache writing / bare forward" in p.stdout
+    assert "batch 3 x 5 new: engine / transformers" in p.stdout and "% of the bound" in p.stdout
 
 
 def test_bench_runs_just_the_cache_parts(tmp_path):

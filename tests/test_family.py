@@ -13,11 +13,11 @@ import torch
 
 import checkpoint
 import convert
+import engine
 import hf
 from configurator import run
 from conftest import ROOT
 from model import GPT, GPTConfig, build
-from protocol_cache import greedy
 
 transformers = pytest.importorskip("transformers")
 
@@ -62,7 +62,7 @@ def test_llama_import_matches_transformers_logits_and_greedy(tmp_path):
     prompt = tokens(B=1, T=7, seed=3)
     ref = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40,
                           min_new_tokens=40, do_sample=False, pad_token_id=0)
-    assert greedy(ours, prompt, 40).tolist() == ref.tolist()
+    assert engine.generate(ours, prompt.tolist(), 40, temperature=0)[0].tokens == ref[0, 7:].tolist()
 
 
 @pytest.mark.parametrize("tie,bias", [(False, False), (True, True)])

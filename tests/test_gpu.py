@@ -122,7 +122,8 @@ def test_bench_on_the_gpu(tmp_path):
     assert res["peak_flops"] > 0 and res["train"]["ours"]["tokens_per_s"]["median"] > 0
     assert res["distill"]["distill_step"]["seconds"]["median"] > 0
     assert all(res["memory"][v]["step_bytes"] > 0 for v in ("ce", "chunked", "unchunked"))
-    assert res["generate"]["new_tokens"]["16"]["kv_cache"]["median"] > 0
+    assert res["generate"]["decode"]["16"]["engine"]["median"] > 0
+    assert res["generate"]["batch"]["engine"]["median"] > 0 and res["generate"]["bound_tokens_per_s"] > 0
 
 
 def test_teacher_cache_on_the_gpu(char_data, teacher, tmp_path):

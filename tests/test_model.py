@@ -1,11 +1,12 @@
-"""GPT-2 exactly: logits against transformers both ways, KV-cache generation, and the pieces
-distillation relies on (all-position logits, padded vocab, gradient checkpointing)."""
+"""GPT-2 exactly: logits against transformers both ways, the cache protocol (generation itself is
+test_engine.py's), and the pieces distillation relies on (all-position logits, padded vocab,
+gradient checkpointing)."""
 import pytest
 import torch
 
+import engine
 import hf
 from model import GPT, GPTConfig
-from protocol_cache import ProtocolCache
 
 transformers = pytest.importorskip("transformers")
 # what a test of either family changes in a small GPT-2 config
@@ -65,43 +66,6 @@ def test_export_without_bias(tmp_path):
         torch.testing.assert_close(theirs(idx).logits, ours(idx)[0][..., :100], atol=1e-4, rtol=0)
 
 
-def test_greedy_cache_equals_recompute_and_transformers(tmp_path):
-    theirs, folder = hf_model(tmp_path, n_positions=128)
-    ours = hf.load(str(folder)).eval()
-    prompt = tokens(B=1, T=9, seed=3)
-    cached = ours.generate(prompt, 64, temperature=0)
-    full = ours.generate(prompt, 64, temperature=0, use_cache=False)
-    ref = theirs.generate(prompt, max_new_tokens=64, do_sample=False, min_new_tokens=64,
-                      attention_mask=torch.ones_like(prompt), pad_token_id=0)
-    assert cached.tolist() == full.tolist()
-    assert cached.tolist() == ref.tolist()
-
-
-def test_generation_beyond_block_size_slides_window():
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50)).eval()
-    prompt = torch.randint(0, 50, (2, 5))
-    a = m.generate(prompt, 30, temperature=0)
-    b = m.generate(prompt, 30, temperature=0, use_cache=False)
-    assert a.shape == (2, 35) and a.tolist() == b.tolist()
-
-
-def test_sampling_respects_real_vocab_and_stop_token():
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=10)).eval()
-    assert m.config.padded_vocab_size == 64
-    with torch.no_grad():  # make the padding columns irresistible: they must still never be drawn
-        m.lm_head.weight[10:] = 10.0
-    out = m.generate(torch.zeros(8, 1, dtype=torch.long), 40, temperature=1.0, top_k=50, top_p=0.99,
-                     generator=torch.Generator().manual_seed(0))
-    assert out.max() < 10
-    out = m.generate(torch.zeros(4, 1, dtype=torch.long), 40, temperature=2.0, stop_token=3,
-                     generator=torch.Generator().manual_seed(1))
-    for row in out[:, 1:].tolist():
-        if 3 in row:
-            assert all(t == 3 for t in row[row.index(3):])
-
-
 def test_logits_every_position_and_loss_ignores_padding():
     torch.manual_seed(0)
     m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=10))
@@ -153,8 +117,9 @@ def test_hf_folder_without_weights(tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cache_protocol_chunks_and_left_padding(family):
-    """Prefill in two chunks then one token at a time, with the second row left-padded by 3
-    tokens: every real position's hidden state equals the no-cache forward of its own row."""
+    """Prefill in two chunks then one token at a time through the engine's cache, with the second
+    row left-padded by 3 tokens: every real position's hidden state equals the no-cache forward of
+    its own row."""
     torch.manual_seed(0)
     m = GPT(GPTConfig(**dict(dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50), **family))).eval()
     a, b = torch.randint(0, 50, (1, 12)), torch.randint(0, 50, (1, 9))
@@ -163,10 +128,15 @@ def test_cache_protocol_chunks_and_left_padding(family):
     valid = torch.ones(2, 12, dtype=torch.bool)
     valid[1, :pad] = False
     positions = torch.stack([torch.arange(12), (torch.arange(12) - pad).clamp(min=0)])
-    cache = ProtocolCache(valid)
+    hidden = []  # every position's, where the cache hands back only each chunk's last
+    forward = m.hidden_states
+    m.hidden_states = lambda *args: hidden.append(forward(*args)) or hidden[-1]
+    cache = engine.KVCache(m, 2, 12, "cpu")
     with torch.no_grad():
-        chunks = [(0, 6), (6, 10), (10, 11), (11, 12)]
-        h = torch.cat([cache.forward(m, idx[:, s:e], positions[:, s:e]) for s, e in chunks], 1)
+        for s, e in [(0, 6), (6, 10), (10, 11), (11, 12)]:
+            cache.forward(m, idx[:, s:e], positions[:, s:e], valid[:, s:e])
+        del m.hidden_states
+        h = torch.cat(hidden, 1)
         torch.testing.assert_close(h[:1], m.hidden_states(a), atol=1e-5, rtol=0)
         torch.testing.assert_close(h[1:, pad:], m.hidden_states(b), atol=1e-5, rtol=0)
         torch.testing.assert_close(m.logits(h[:1]), m(a)[0], atol=1e-5, rtol=0)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import checkpoint
+import engine
 from conftest import ROOT, TINY, make_char_dataset, run_script
 from configurator import UserError
 from data import BinDataset
@@ -139,9 +140,7 @@ def test_checkpoint_samples_and_evaluates_without_the_file(bpe, run):
     tok = tokenizer_from_meta(info)
     prompt = "VIOLA: What country, friends"
     ids = tok.encode(prompt)
-    with torch.no_grad():
-        row = model.eval().generate(torch.tensor([ids]), 12, temperature=0.0)[0, len(ids):].tolist()
-    row = row[:row.index(tok.eot)] if tok.eot in row else row
+    row = engine.generate(model, [ids], 12, temperature=0.0, stop_tokens=[] if tok.eot is None else [tok.eot])[0].tokens
     p = run_script("sample.py", f"source={run}", f"start={prompt}", "num_samples=1", "max_new_tokens=12",
                    "temperature=0")
     assert p.stdout.split("-" * 40)[0] == prompt + tok.decode(row) + "\n"

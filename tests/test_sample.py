@@ -1,5 +1,6 @@
-"""sample.py: samples from a real checkpoint, greedy equal to the model's own continuation, teacher
-JSONL with kept fields, and a killed run that resumes into the very same file."""
+"""sample.py: samples from a real checkpoint, greedy equal to the engine's continuation of each
+prompt alone, teacher JSONL with kept fields, text independent of batch_size, a killed run that
+resumes into the very same file, and one-line errors for bad input."""
 import json
 import os
 import signal
@@ -11,6 +12,9 @@ import pytest
 import torch
 
 import checkpoint
+import engine
+import sample
+from configurator import run
 from conftest import ROOT, run_script
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
@@ -60,8 +64,7 @@ def samples(stdout):
 def greedy_reference(source, prompt, n):
     model, info, _ = checkpoint.load_model(source)
     tok = get_tokenizer(info["tokenizer"], info.get("chars"))
-    idx = torch.tensor([tok.encode(prompt)])
-    return tok.decode(model.eval().generate(idx, n, temperature=0)[0, idx.size(1):].tolist())
+    return tok.decode(engine.generate(model, [tok.encode(prompt)], n, temperature=0)[0].tokens)
 
 
 def test_start_prints_num_samples_and_greedy_is_the_models_continuation(char_ckpt, tmp_path):
@@ -108,7 +111,7 @@ def test_txt_prompts_to_jsonl(char_ckpt, tmp_path):
     for r in recs:
         assert list(r) == ["prompt", "response", "index", "sample"]
         assert r["prompt"] == prompts[r["index"]]
-        # batched rows of equal length give what the model gives each prompt alone
+        # rows batched with prompts of other lengths give what the engine gives each prompt alone
         assert r["response"] == greedy_reference(char_ckpt, r["prompt"], 12)
 
 
@@ -180,3 +183,35 @@ def test_killed_run_resumes_into_the_same_file(char_ckpt, tmp_path):
     p = run_script("sample.py", *args[:1], f"prompts={tmp_path / 'other.txt'}", f"out={full}", check=False)
     assert p.returncode == 2 and "other prompts" in p.stderr
     assert full.read_bytes() == expected
+
+
+def test_sampled_text_does_not_depend_on_batch_size(char_ckpt, tmp_path):
+    (tmp_path / "p.txt").write_text("ROMEO:\nO\nIs it so? Nay, my lord.\nHi\n")
+    args = [f"source={char_ckpt}", f"prompts={tmp_path / 'p.txt'}", "num_samples=3", "max_new_tokens=20",
+            "temperature=1.0", "top_k=0", "top_p=0.95", "seed=5"]
+    files = []
+    for batch_size in (1, 2, 7):  # a row at a time, one prompt's samples split, several prompts
+        files.append(tmp_path / f"b{batch_size}.jsonl")
+        run_script("sample.py", *args, f"batch_size={batch_size}", f"out={files[-1]}")
+    recs = read_jsonl(files[0])
+    assert [(r["index"], r["sample"]) for r in recs] == [(i, s) for i in range(4) for s in range(3)]
+    assert len({r["response"] for r in recs}) == 12
+    assert all(f.read_bytes() == files[0].read_bytes() for f in files[1:])
+
+
+def test_bad_input_is_one_line_and_writes_nothing(char_ckpt, tmp_path, capsys):
+    out = tmp_path / "o.jsonl"
+    (tmp_path / "long.txt").write_text("Hi\n" + "ROMEO: " * 5 + "\n")  # 35 characters; the context is 32
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    cases = [([f"prompts={tmp_path / 'long.txt'}", f"out={out}"], "long.txt prompt 1 is 35 tokens, more than the "
+              "model's context of 32"),
+             (["start=" + "O" * 33], "start is 33 tokens, more than the model's context of 32"),
+             ([f"prompts={tmp_path / 'empty.txt'}", f"out={out}"], "empty.txt holds no prompts"),
+             (["max_new_tokens=0"], "max_new_tokens=0: must be >= 1")]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            run(sample.main, sample.DEFAULTS, sample.LIMITS, [f"source={char_ckpt}", *args])
+        err = capsys.readouterr()
+        assert stop.value.code == 2 and err.out == "" and "Traceback" not in err.err
+        assert err.err.splitlines()[-1].startswith("error: ") and message in err.err.splitlines()[-1], err.err
+        assert not out.exists()
