@@ -98,11 +98,12 @@ def evaluate_all(runs, dataset, block_size, device):
     from runtime import resolve_device
     device = resolve_device(device)
     models = {name: load_model(out_dir, device)[0] for name, out_dir in runs.items()}
-    scores = evaluate_models(models, BinDataset(dataset), block_size, 0, 64, device, reference="teacher")
+    scores = evaluate_models(models, BinDataset(dataset), block_size, 0, 64, device,
+                             reference="teacher")
     results = {}
     for name, r in scores.items():
-        results[name] = dict(params=r["params"], val_loss=r["loss"], val_ppl=r["ppl"], val_tokens=r["tokens"],
-                             val_ece=r["ece"])
+        results[name] = dict(params=r["params"], val_loss=r["loss"], val_ppl=r["ppl"],
+                             val_tokens=r["tokens"], val_ece=r["ece"])
         against = ""
         if "kl" in r:
             results[name].update(kl_from_teacher=r["kl"], agreement=r["agreement"])

@@ -49,8 +49,8 @@ DEFAULTS = dict(
     dtype="auto",  # autocast dtype; auto: bfloat16 or float16 on GPUs, float32 on CPU
     out="",  # the JSON results; empty: out/eval/<timestamp>.json
 )
-LIMITS = dict(split=SPLITS, ece_bins="[1, inf)", block_size="[0, inf)", stride="[0, inf)", batch_size="[1, inf)",
-              dtype=DTYPE_CHOICES, out=OUT_FILE)
+LIMITS = dict(split=SPLITS, ece_bins="[1, inf)", block_size="[0, inf)", stride="[0, inf)",
+              batch_size="[1, inf)", dtype=DTYPE_CHOICES, out=OUT_FILE)
 
 
 def load_eval_text(cfg):
@@ -76,6 +76,7 @@ def main(cfg):
     sources = dict(models)
     results = {}
     ref = load_model(sources[reference], rt.device)[:2] if reference else None
+    ref_block = own_block(cfg, ref[0], reference) if ref else None
     for name in names:
         if name == reference:
             continue
@@ -87,7 +88,7 @@ def main(cfg):
                        "compare models that share one tokenizer")
             pair = score(cfg, {reference: ref, name: loaded}, text, rt, reference)
             results[name] = pair[name]
-            if reference not in results and pair[reference]["block_size"] == own_block(cfg, ref[0], reference):
+            if reference not in results and pair[reference]["block_size"] == ref_block:
                 results[reference] = pair[reference]  # its own windows: no pass of its own needed
         del loaded
         if torch.cuda.is_available():

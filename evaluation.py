@@ -117,6 +117,8 @@ def score_models(models, tokens, block_size, batch_size, device="cpu", autocast=
     vocab = {model.config.vocab_size for model in models.values()}
     if len(vocab) != 1:
         raise ValueError(f"models of different vocab sizes {sorted(vocab)} cannot be compared")
+    if reference is not None and reference not in models:
+        raise ValueError(f"reference {reference!r} is none of the models {list(models)}")
     V = vocab.pop()
     chunk = default_chunk_rows(V)
     acc = _Pass(models, bins)

@@ -101,8 +101,9 @@ def teacher_logit_chunks(t, head, V, T, chunk_rows):
 
 
 def _divergence(log_ps, log_pt, kind, beta, with_grad=False):
-    """Per-row divergence (n,) of float32 log-probabilities, and dL/dz (n, V) when with_grad.
-    Overwrites log_pt, which the callers build for this call alone (the teacher's: no grad)."""
+    """Per-row divergence (n,) of float32 log-probabilities, and dL/dz (n, V) when with_grad (of
+    reverse_kl and jsd: _chunk forms forward_kl's itself). Overwrites log_pt, which the callers
+    build for this call alone (the teacher's: no grad)."""
     if kind == "forward_kl":  # unchunked only (autograd differentiates it): _chunk has its own
         diff = log_pt - log_ps
         return (log_pt.exp_() * diff).sum(-1), None
@@ -277,7 +278,8 @@ def soft_loss(student_logits, teacher_logits, kind="forward_kl", temperature=2.0
     w = _weights(mask, s.size(0), s.device)
     chunk_rows = _rows_per_chunk(chunk_rows, s.size(0))
     if chunk_rows is None:
-        log_pt = F.log_softmax(next(teacher_logit_chunks(t, head, V, T, s.size(0))), -1)  # all rows at once
+        zt = next(teacher_logit_chunks(t, head, V, T, s.size(0)))  # one chunk: all rows at once
+        log_pt = F.log_softmax(zt, -1)
         div, _ = _divergence(_log_probs(s, V, T), log_pt, kind, jsd_beta)
         return (div * w).sum() * (T * T)
     if torch.is_grad_enabled() and s.requires_grad:
