@@ -13,6 +13,13 @@ max. Variants compared by a ratio are timed round-robin in one loop, so a change
 have taken max_time seconds (n in the table says how many ran). MFU = achieved / measured peak
 FLOP/s, with training FLOPs per token 6N + 12·L·C·T (N = parameters without the position table).
 
+Distill step: distill_step is a step of distill.py's default hybrid loss (alpha 0.5, forward KL, T 2)
+to a teacher of teacher_n_layer blocks, student_step the same student's CE step, teacher_forward
+what that step's teacher computes: its hidden states, then its logits / T formed block by block as
+the soft loss forms them. Not forward(), which writes all B*T rows of logits at once and, on a CPU,
+pays for faulting in a fresh 400 MB tensor that the distill step never allocates; so distill /
+(student + teacher) is what the soft loss's own passes over the logits add.
+
 Vocab: vocab_size is the tokenizer's; our model pads its embedding to a multiple of 64 as it does in
 training (50257 -> 50304), the transformers model uses vocab_size as is. Both compute the same loss
 over the real columns only, from the same batches, with the same AdamW and grad clipping.
@@ -40,7 +47,8 @@ import engine
 from configurator import OUT_FILE, UserError, run
 from inputs import comma_list, timestamped
 import teacher_cache
-from losses import cached_kd_loss_fn, ce_loss_fn, default_chunk_rows, hard_loss, kd_loss_fn
+from losses import (cached_kd_loss_fn, ce_loss_fn, default_chunk_rows, hard_loss, kd_loss_fn,
+                    teacher_logit_chunks)
 from model import GPT, GPTConfig
 from optim import apply_gradients, make_optimizer
 from runtime import DTYPE_CHOICES, Runtime, measure_peak_flops
@@ -221,14 +229,20 @@ def bench_distill(cfg, rt, sync):
     tokens = cfg["batch_size"] * cfg["block_size"]
     torch.manual_seed(cfg["seed"])
     teacher = teacher_model(cfg, rt.device)  # kd_loss_fn compiles what it calls when cfg asks
-    full_teacher = maybe_compile(teacher, cfg)
+    hidden = torch.compile(teacher.hidden_states) if cfg["compile"] else teacher.hidden_states
     distilled = maybe_compile(GPT(student_config(cfg)).to(rt.device), cfg)
     plain = maybe_compile(GPT(student_config(cfg)).to(rt.device), cfg)
+    chunk = cfg["chunk_rows"] or default_chunk_rows(cfg["vocab_size"])
 
     @torch.no_grad()
     def teacher_forward():
+        # what the distill step's teacher computes: its hidden states, then its logits / T in the
+        # blocks the soft loss forms them in (forward() would write all B*T rows of logits at once)
         with rt.autocast():
-            full_teacher(x)  # logits for every position: what the distill step's teacher computes
+            h = hidden(x)
+            for _ in teacher_logit_chunks(h.reshape(-1, h.size(-1)), teacher.head_weight,
+                                          cfg["vocab_size"], KD["temperature"], chunk):
+                pass
 
     fns = {"distill_step": make_step(distilled, kd(cfg, teacher), x, y, rt)[0],
            "student_step": make_step(plain, ce(cfg), x, y, rt)[0],
@@ -237,7 +251,6 @@ def bench_distill(cfg, rt, sync):
     result = {name: dict(seconds=summary(t), tokens_per_s=summary(t, tokens)) for name, t in times.items()}
     parts = statistics.median(times["student_step"]) + statistics.median(times["teacher_forward"])
     result["ratio_distill_over_sum"] = statistics.median(times["distill_step"]) / parts
-    chunk = cfg["chunk_rows"] or default_chunk_rows(cfg["vocab_size"])
     result["kd"] = dict(loss="hybrid (distill.py's defaults)", **KD, chunk_rows=chunk, rows=tokens,
                         chunked=chunk < tokens)
     return result

@@ -6,7 +6,8 @@
 Stages (each reused on rerun unless force=True): prepare the corpus, train the teacher, train the
 CE baseline student, distil the same student (same init seed, data order, steps and schedule:
 only the loss differs), train a CE baseline for the distillation's wall-clock time, evaluate
-all on the whole val split, write report.md, report.json and val_loss.png.
+all on the whole val split (loss, calibration, and each student's KL from the teacher and top-1
+agreement with it), write report.md, report.json and val_loss.png.
 """
 import json
 import os
@@ -88,19 +89,27 @@ def sizes(cfg, who):
 
 
 def evaluate_all(runs, dataset, block_size, device):
-    """Exact loss over the whole val split for each run's final checkpoint."""
+    """Exact loss and calibration over the whole val split for each run's final checkpoint, all
+    over the same windows in one pass, and each student against the teacher: KL(teacher || student)
+    per token and top-1 agreement."""
     from checkpoint import load_model
     from data import BinDataset
-    from evaluation import evaluate_model
+    from evaluation import evaluate_models
     from runtime import resolve_device
     device = resolve_device(device)
-    data = BinDataset(dataset)
+    models = {name: load_model(out_dir, device)[0] for name, out_dir in runs.items()}
+    scores = evaluate_models(models, BinDataset(dataset), block_size, 0, 64, device,
+                             reference="teacher")
     results = {}
-    for name, out_dir in runs.items():
-        model, _, _ = load_model(out_dir, device)
-        r = evaluate_model(model, data, block_size, 0, 64, device)
-        results[name] = dict(params=r["params"], val_loss=r["loss"], val_ppl=r["ppl"], val_tokens=r["tokens"])
-        print(f"{name:>22}: val loss {r['loss']:.4f}  ppl {r['ppl']:.3f}  ({r['tokens']:,} tokens)")
+    for name, r in scores.items():
+        results[name] = dict(params=r["params"], val_loss=r["loss"], val_ppl=r["ppl"],
+                             val_tokens=r["tokens"], val_ece=r["ece"])
+        against = ""
+        if "kl" in r:
+            results[name].update(kl_from_teacher=r["kl"], agreement=r["agreement"])
+            against = f"  KL from teacher {r['kl']:.4f}  agreement {r['agreement']:.1%}"
+        print(f"{name:>22}: val loss {r['loss']:.4f}  ppl {r['ppl']:.3f}  ECE {r['ece']:.4f}{against}  "
+              f"({r['tokens']:,} tokens)")
     return results
 
 
@@ -140,11 +149,15 @@ def report(cfg, results, timings, total_s, out):
     rows = [("teacher", t), ("baseline (CE)", b), ("distilled", d)]
     if "baseline_equal_time" in results:
         rows.append((f"baseline (CE, equal time)", results["baseline_equal_time"]))
-    lines = ["| model | params | val loss | val PPL | train s |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| model | params | val loss | val PPL | KL from teacher | top-1 agreement | ECE | train s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {n} | {r['params'] / 1e6:.2f}M | {r['val_loss']:.4f} | {r['val_ppl']:.3f} | "
-              f"{r['train_s']:.0f} |" for n, r in rows]
+              + (f"{r['kl_from_teacher']:.4f} | {r['agreement']:.1%} | " if "agreement" in r else "- | - | ")
+              + f"{r['val_ece']:.4f} | {r['train_s']:.0f} |" for n, r in rows]
     lines.append(f"| improvement | | {d['val_loss'] - b['val_loss']:+.4f} | "
-                 f"{d['val_ppl'] - b['val_ppl']:+.3f} ({-ppl_red:+.1f}%) | |")
+                 f"{d['val_ppl'] - b['val_ppl']:+.3f} ({-ppl_red:+.1f}%) | "
+                 f"{d['kl_from_teacher'] - b['kl_from_teacher']:+.4f} | "
+                 f"{100 * (d['agreement'] - b['agreement']):+.1f} pts | | |")
     table = "\n".join(lines)
     notes = [f"Distilled vs CE baseline at equal steps ({cfg['student_iters']}): perplexity "
              f"{ppl_red:.1f}% lower; {gap_rec:.0f}% of the baseline-to-teacher loss gap recovered."]

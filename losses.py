@@ -17,15 +17,18 @@ in a Neural Network", sec. 2).
 The loss is true divergence, not cross-entropy to the teacher (which differs by the teacher's
 entropy and is never 0): forward KL is exactly 0 when the student equals the teacher.
 
-chunk_rows bounds memory and time: (N, V) float32 log-probabilities of teacher and student exist
-for one chunk of rows at a time, in the backward pass too, because the gradient w.r.t. the student
-logits is written analytically chunk by chunk during the forward pass and only that gradient (in
-the student logits' dtype) is kept for backward. The teacher may pass its final hidden states and
-LM head weight instead of logits: its logits are then formed per chunk too (at V=50257 they are
-the largest tensor of a distillation step). kd_loss adds the cross-entropy in the same pass and
-hard_loss runs it alone the same way; either saves the several full-vocab passes (log-softmax,
-its backward, the padded-column slice and a second gradient to add) that the memory-bound CPU
-pays for as much as for the model's matmuls. With z = logits / T, per counted row (weight w):
+chunk_rows bounds memory and time: (rows, V) float32 buffers of teacher and student exist for one
+chunk of rows at a time (the same buffers for every chunk), in the backward pass too, because the
+gradient w.r.t. the student logits is written analytically chunk by chunk during the forward pass
+and only that gradient (in the student logits' dtype; over the logits themselves with
+overwrite_logits) is kept for backward. The teacher may pass its final hidden states and LM head
+weight instead of logits: its logits are then formed per chunk too (at V=50257 they are the
+largest tensor of a distillation step). kd_loss adds the cross-entropy in the same pass and
+hard_loss runs it alone the same way. On a CPU the passes over (rows, V) tensors are memory-bound
+and cost as much as the model's matmuls, so a chunk forms no log-softmax: with z = logits / T
+shifted by its row max, e = exp(z) and Z = sum(e), p = e / Z and log p = z - log Z, and forward KL,
+its gradient and the cross-entropy come from one exp per side (a second for the student's
+cross-entropy when T != 1) and a few in-place passes. Per counted row (weight w):
 
   forward_kl  dL/dz = p_s - p_t
   reverse_kl  dL/dz = p_s * (log p_s - log p_t - KL(p_s || p_t))
@@ -52,8 +55,8 @@ import torch.nn.functional as F
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 # A chunk's (rows, V) float32 buffers stay near 16 MB: glibc serves blocks above its 32 MB mmap
-# ceiling with fresh pages that fault in on first touch, on every call, which doubled the soft
-# loss's time on CPU at V=50257 (512-row chunks: 1.04 s, 64-row: 0.48 s, for 2048 rows).
+# ceiling with fresh pages that fault in on first touch, on every call (the hybrid KD loss over
+# 2048 rows at V=50257 on one CPU thread: 1.69 s in 500-row chunks, 1.46 s in 83-row ones).
 CHUNK_ELEMENTS = 1 << 22
 
 
@@ -82,38 +85,39 @@ def _log_probs(rows, V, T):
     return F.log_softmax(z if T == 1.0 else z / T, dim=-1)
 
 
-def _teacher_chunks(t, head, V, T, chunk_rows):
-    """The teacher's log-probabilities, one chunk of rows at a time: from its logits, or from its
-    hidden states and LM head TEACHER_BLOCK chunks at a time, because a thin (chunk, C) x (C, V)
-    matmul streams the whole head weight once per chunk (1/T scales the C-wide states)."""
+def teacher_logit_chunks(t, head, V, T, chunk_rows):
+    """The teacher's logits / T as float32 (rows, V) chunks the caller may overwrite: copied from
+    its logits, or formed from its hidden states and LM head TEACHER_BLOCK chunks at a time,
+    because a thin (chunk, C) x (C, V) matmul streams the whole head weight once per chunk (1/T
+    scales the C-wide states)."""
     if head is None:
+        buf = torch.empty((min(chunk_rows, t.size(0)), V), device=t.device)
         for i in range(0, t.size(0), chunk_rows):
-            yield _log_probs(t[i:i + chunk_rows], V, T)
+            z = buf[:min(chunk_rows, t.size(0) - i)].copy_(t[i:i + chunk_rows, :V])
+            yield z if T == 1.0 else z.mul_(1 / T)
         return
     block = chunk_rows * TEACHER_BLOCK
+    # one float32 buffer for every block: a fresh one (130 MB) faults its pages in each time, which
+    # made the head's matmuls 1.5x slower on CPU. Under autocast the matmul picks its own dtype.
+    direct = t.dtype == head.dtype == torch.float32 and not torch.is_autocast_enabled(t.device.type)
+    buf = torch.empty((min(block, t.size(0)), V), device=t.device) if direct else None
     for b in range(0, t.size(0), block):
-        logits = F.linear(t[b:b + block] if T == 1.0 else t[b:b + block] / T, head[:V])
+        x = t[b:b + block] if T == 1.0 else t[b:b + block] / T
+        if direct:
+            logits = torch.mm(x, head[:V].t(), out=buf[:x.size(0)])
+        else:
+            logits = F.linear(x, head[:V]).float()
         for i in range(0, logits.size(0), chunk_rows):
-            yield _log_probs(logits[i:i + chunk_rows], V, 1.0)
-
-
-def _rowdot(a, b):
-    # a batched dot product: no (n, V) temporary, unlike (a * b).sum(-1), and 2x faster on CPU
-    return torch.einsum("ij,ij->i", a, b)
+            yield logits[i:i + chunk_rows]
 
 
 def _divergence(log_ps, log_pt, kind, beta, with_grad=False):
-    """Per-row divergence (n,) of float32 log-probabilities, and dL/dz (n, V) when with_grad.
-    Overwrites log_pt, which the callers build for this call alone (the teacher's: no grad)."""
-    if kind == "forward_kl":
-        # these (n, V) passes are memory-bound and, at V=50257, cost as much as the student's
-        # matmuls: reuse buffers in place wherever autograd allows
+    """Per-row divergence (n,) of float32 log-probabilities, and dL/dz (n, V) when with_grad (of
+    reverse_kl and jsd: _chunk forms forward_kl's itself). Overwrites log_pt, which the callers
+    build for this call alone (the teacher's: no grad)."""
+    if kind == "forward_kl":  # unchunked only (autograd differentiates it): _chunk has its own
         diff = log_pt - log_ps
-        pt = log_pt.exp_()
-        div = _rowdot(pt, diff)
-        if not with_grad:
-            return div, None
-        return div, log_ps.exp().sub_(pt)
+        return (log_pt.exp_() * diff).sum(-1), None
     ps = log_ps.exp()
     if kind == "reverse_kl":
         g = log_ps - log_pt  # dKL/dp_s up to the +1, which the softmax Jacobian cancels
@@ -127,43 +131,77 @@ def _divergence(log_ps, log_pt, kind, beta, with_grad=False):
     return div, ((1 - beta) * ps * (g - kl_s[:, None]) if with_grad else None)
 
 
-def _hard_rows(log_p, y, eps, with_grad):
-    """Per-row cross-entropy (label smoothing eps, as F.cross_entropy defines it) from float32
-    log-probabilities, and its gradient w.r.t. the logits: p - (1 - eps) onehot(y) - eps / V."""
-    y = y.clamp(min=0)[:, None]  # rows with target -1 carry weight 0
-    nll = -log_p.gather(1, y)[:, 0]
-    if eps:
-        nll = (1 - eps) * nll - eps * log_p.mean(-1)
-    if not with_grad:
-        return nll, None
-    g = log_p.exp()
-    if eps:
-        g.sub_(eps / log_p.size(1))
-    return nll, g.scatter_add_(1, y, torch.full_like(g[:, :1], eps - 1))
+def _exp_shifted(z, out):
+    """z -= its row max (in place); out = exp(z); returns out's row sums, softmax's normaliser."""
+    z.sub_(z.amax(-1, keepdim=True))
+    return torch.exp(z, out=out).sum(-1)
 
 
-def _full_rows(s, log_pt, y, wi, kind, T, beta, V, with_grad, hard):
-    """One chunk over the whole vocabulary: per-row divergence and cross-entropy (None where not
-    asked) and dL/dlogits of (1 - alpha) * divergence * T^2 + alpha * CE, weighted by wi."""
-    div = nll = g = None
-    log_ps = _log_probs(s, V, T)
-    if log_pt is not None:
-        div, g = _divergence(log_ps, log_pt, kind, beta, with_grad)
-        if with_grad:
-            g.mul_(T * (1 if hard is None else 1 - hard[1]) * wi[:, None])
+def _chunk(s, zt, w, kind, T, beta, hard, z, e, p, with_grad):
+    """Per-row divergence and cross-entropy of one chunk of rows, and dL/dlogits left in e when
+    with_grad. s: the student's (k, V) logits; zt: the teacher's logits / T (overwritten) or None;
+    z, e, p: float32 (k, V) buffers. With z = s / T shifted by its row max, e = exp(z) and
+    Z = sum(e): p_s = e / Z and log p_s = z - log Z, so neither is formed as a tensor of its own."""
+    m = s.amax(-1, keepdim=True).float()  # float32: bfloat16 logits are shifted in float32
+    if T == 1.0:
+        torch.sub(s, m, out=z)
+    else:  # (s - m) / T in one pass
+        torch.add(m.mul_(-1 / T), s, alpha=1 / T, out=z)
+    Zs = torch.exp(z, out=e).sum(-1)
+    alpha = 0.0 if hard is None else hard[1]
+    a = T * (1 - alpha) * w  # dL/dlogits = T^2 w dL/dz / T, the soft loss weighted 1 - alpha
+    coef = torch.zeros_like(Zs)  # dL/dlogits = coef * e + the terms added at the end
+    div = nll = g = Zt = None
+    if zt is not None:
+        if kind == "forward_kl":
+            Zt = _exp_shifted(zt, p)
+            # KL = sum p_t (log p_t - log p_s) = sum p (zt - z) / Zt + log Zs - log Zt, and
+            # dKL/dz = p_s - p_t = e / Zs - p / Zt
+            div = zt.sub_(z).mul_(p).sum(-1) / Zt + (Zs.log() - Zt.log())
+            coef += a / Zs
+        else:
+            log_pt = zt.sub_(torch.logsumexp(zt, -1, keepdim=True))
+            div, g = _divergence(z - Zs.log()[:, None], log_pt, kind, beta, with_grad)
+    b = Z1 = None
     if hard is not None:
-        _, alpha, eps = hard
-        # at T = 1 the student's log-probabilities serve both losses
-        log_p1 = log_ps if T == 1.0 else _log_probs(s, V, 1.0)
-        nll, gh = _hard_rows(log_p1, y, eps, with_grad and alpha > 0)
-        if gh is not None:
-            g = gh.mul_(alpha * wi[:, None]) if g is None else g.addcmul_(gh, alpha * wi[:, None])
-    return div, nll, g
+        y, _, eps = hard
+        y = y.clamp(min=0)[:, None]  # rows with target -1 carry weight 0
+        # log p1 = T z - log Z1, Z1 = sum exp(T z): at T = 1 the soft loss's e and Zs serve
+        y_logit = z.gather(1, y)[:, 0] * T
+        mean_logit = z.mean(-1) * T if eps else 0.0
+        Z1 = Zs if T == 1.0 else z.mul_(T).exp_().sum(-1)
+        nll = Z1.log() - y_logit
+        if eps:
+            nll = (1 - eps) * nll - eps * (mean_logit - Z1.log())
+        if with_grad and alpha > 0:
+            # dCE/dlogits = p1 - (1 - eps) onehot(y) - eps / V
+            b = alpha * w
+            if T == 1.0:
+                coef += b / Zs
+    if with_grad:
+        e.mul_(coef[:, None])
+        if Zt is not None:
+            e.addcmul_(p, (-a / Zt)[:, None])
+        if g is not None:
+            e.addcmul_(g, a[:, None])
+        if b is not None:
+            if T != 1.0:
+                e.addcmul_(z, (b / Z1)[:, None])
+            if eps:
+                e.sub_((b * eps / e.size(1))[:, None])
+            e.scatter_add_(1, y, (-(1 - eps) * b)[:, None])
+    return div, nll
+
+
+def _nll(log_p, y, eps):
+    """Per-row cross-entropy with label smoothing eps, as F.cross_entropy defines it."""
+    nll = -log_p.gather(1, y.clamp(min=0)[:, None])[:, 0]  # rows with target -1 carry weight 0
+    return (1 - eps) * nll - eps * log_p.mean(-1) if eps else nll
 
 
 def _support_rows(s, log_pt, ids, y, wi, kind, T, beta, V, with_grad, hard):
-    """_full_rows against a teacher known on a support of k token ids per row plus the log of its
-    mass outside them (a top-k cache): the divergence is taken over the k + 1 buckets (support,
+    """_chunk's divergence and cross-entropy against a teacher known on a support of k token ids
+    per row plus the log of its mass outside them (a top-k cache): the divergence is taken over the k + 1 buckets (support,
     rest). The student's buckets are its T=1 log-probabilities gathered on the support and the log
     of its remaining mass a_rest; both sides are then tempered as (k + 1)-outcome distributions.
     With G = dL/d(buckets) and P the student's T=1 probabilities, the chain rule through the
@@ -178,9 +216,12 @@ def _support_rows(s, log_pt, ids, y, wi, kind, T, beta, V, with_grad, hard):
     rest = p.scatter_(1, ids, 0.0).sum(-1).clamp_(min=torch.finfo(torch.float32).tiny)
     buckets = torch.cat([log_p1.gather(1, ids), rest.log()[:, None]], 1)
     log_ps = F.log_softmax(buckets if T == 1.0 else buckets / T, dim=-1)
+    # _divergence leaves forward KL's gradient, p_s - p_t, to its caller (and overwrites log_pt)
+    fwd_grad = log_ps.exp() - log_pt.exp() if with_grad and kind == "forward_kl" else None
     div, gb = _divergence(log_ps, log_pt, kind, beta, with_grad)
+    gb = fwd_grad if gb is None else gb
     alpha, eps = (0.0, 0.0) if hard is None else hard[1:]
-    nll = None if hard is None else _hard_rows(log_p1, y, eps, False)[0]
+    nll = None if hard is None else _nll(log_p1, y, eps)
     if not with_grad:
         return div, nll, None
     G = gb.mul_(T * (1 - alpha) * wi[:, None])
@@ -195,36 +236,50 @@ def _support_rows(s, log_pt, ids, y, wi, kind, T, beta, V, with_grad, hard):
     return div, nll, g
 
 
-def _chunked(s, t, head, w, kind, T, beta, V, chunk_rows, with_grad, hard=None, ids=None):
+def _chunked(s, t, head, w, kind, T, beta, V, chunk_rows, with_grad, hard=None, ids=None,
+             overwrite=False):
     """Weighted divergence sum over rows (times T^2), one chunk of rows at a time, and its gradient
     w.r.t. the student logits. hard = (targets, alpha, eps) also sums the cross-entropy over the
     same rows and makes the gradient that of alpha * CE + (1 - alpha) * divergence; with no
     teacher (t None) the cross-entropy is all there is. With ids, t holds the teacher's T=1
-    log-probabilities on those ids plus its rest (see _support_rows)."""
+    log-probabilities on those ids plus its rest (see _support_rows). overwrite: the gradient takes
+    the logits' own storage, each chunk's rows once they are read."""
+    n = s.size(0)
     grad = None
     if with_grad:
-        grad = torch.empty_like(s)  # every chunk's real columns are written below; padded stay 0
+        # every chunk's real columns are written below; padded stay 0
+        grad = s.detach() if overwrite else torch.empty_like(s)
         grad[:, V:] = 0
+    # float32 buffers every chunk reuses: a fresh (rows, V) tensor per step costs a page-faulting
+    # allocation that took as long as the pass filling it. A float32 gradient is written in place.
+    in_place = with_grad and s.dtype == torch.float32
+    z, p, e = (torch.empty((min(chunk_rows, n), V), device=s.device) if keep else None
+               for keep in (ids is None, ids is None, with_grad and not in_place))
     total = torch.zeros((), dtype=torch.float32, device=s.device)
     hard_total = torch.zeros((), dtype=torch.float32, device=s.device)
-    # tempering the k + 1 cached buckets is the same log-softmax as tempering logits
-    teacher = None if t is None else _teacher_chunks(t, head, V if ids is None else t.size(1), T, chunk_rows)
-    y = None if hard is None else hard[0]
-    for i in range(0, s.size(0), chunk_rows):
-        rows = slice(i, i + chunk_rows)
-        log_pt = None if teacher is None else next(teacher)
-        yi = None if y is None else y[rows]
-        common = (kind, T, beta, V, with_grad, hard)
+    # tempering the k + 1 cached buckets is the same softmax as tempering logits
+    teacher = None if t is None else teacher_logit_chunks(t, head, V if ids is None else t.size(1), T,
+                                                          chunk_rows)
+    for i in range(0, n, chunk_rows):
+        k = min(chunk_rows, n - i)
+        rows, wi = slice(i, i + k), w[i:i + k]
+        out = grad[rows, :V] if in_place else None if e is None else e[:k]
+        hard_i = None if hard is None else (hard[0][rows],) + hard[1:]
+        zt = None if teacher is None else next(teacher)
         if ids is None:
-            div, nll, g = _full_rows(s[rows], log_pt, yi, w[rows], *common)
+            div, nll = _chunk(s[rows, :V], zt, wi, kind, T, beta, hard_i, z[:k], out, p[:k], with_grad)
         else:
-            div, nll, g = _support_rows(s[rows], log_pt, ids[rows], yi, w[rows], *common)
+            div, nll, g = _support_rows(s[rows], F.log_softmax(zt, -1), ids[rows],
+                                        None if hard is None else hard_i[0], wi, kind, T, beta, V,
+                                        with_grad, hard_i)
+            if with_grad:
+                out.copy_(g)
         if div is not None:
-            total += (div * w[rows]).sum()
+            total += (div * wi).sum()
         if nll is not None:
-            hard_total += (nll * w[rows]).sum()
-        if with_grad:
-            grad[rows, :V] = g
+            hard_total += (nll * wi).sum()
+        if with_grad and not in_place:
+            grad[rows, :V] = out
     return total * (T * T), hard_total, grad
 
 
@@ -234,8 +289,9 @@ class _ChunkedKD(torch.autograd.Function):
     Returns the differentiable loss and, detached, the divergence and the cross-entropy."""
 
     @staticmethod
-    def forward(ctx, s, t, head, w, kind, T, beta, V, chunk_rows, hard, ids):
-        soft, ce, grad = _chunked(s, t, head, w, kind, T, beta, V, chunk_rows, True, hard, ids)
+    def forward(ctx, s, t, head, w, kind, T, beta, V, chunk_rows, hard, ids=None, overwrite=False):
+        soft, ce, grad = _chunked(s, t, head, w, kind, T, beta, V, chunk_rows, True, hard, ids,
+                                  overwrite)
         ctx.save_for_backward(grad)
         loss = soft.clone() if hard is None else hard[1] * ce + (1 - hard[1]) * soft
         ctx.mark_non_differentiable(soft, ce)
@@ -245,7 +301,7 @@ class _ChunkedKD(torch.autograd.Function):
     def backward(ctx, grad_out, *_):
         (grad,) = ctx.saved_tensors
         # in place: a second logits-sized tensor here would undo the memory the chunking saves
-        return (grad.mul_(grad_out.to(grad.dtype)),) + (None,) * 10
+        return (grad.mul_(grad_out.to(grad.dtype)),) + (None,) * 11
 
 
 def _prepare(student_logits, teacher_logits, kind, temperature, jsd_beta, vocab_size, teacher_head,
@@ -292,7 +348,8 @@ def soft_loss(student_logits, teacher_logits, kind="forward_kl", temperature=2.0
     w = _weights(mask, s.size(0), s.device)
     chunk_rows = _rows_per_chunk(chunk_rows, s.size(0))
     if chunk_rows is None:
-        log_pt = next(_teacher_chunks(t, head, V, T, s.size(0)))  # one chunk: all rows at once
+        zt = next(teacher_logit_chunks(t, head, V, T, s.size(0)))  # one chunk: all rows at once
+        log_pt = F.log_softmax(zt, -1)
         div, _ = _divergence(_log_probs(s, V, T), log_pt, kind, jsd_beta)
         return (div * w).sum() * (T * T)
     if torch.is_grad_enabled() and s.requires_grad:
@@ -301,11 +358,14 @@ def soft_loss(student_logits, teacher_logits, kind="forward_kl", temperature=2.0
 
 
 def kd_loss(student_logits, teacher_logits, targets, alpha, kind="forward_kl", temperature=2.0,
-            jsd_beta=0.5, vocab_size=None, chunk_rows=None, teacher_head=None, label_smoothing=0.0):
+            jsd_beta=0.5, vocab_size=None, chunk_rows=None, teacher_head=None, label_smoothing=0.0,
+            overwrite_logits=False):
     """alpha * CE(targets) + (1 - alpha) * soft_loss, both averaged over the targets >= 0, and the
     two parts detached for logging: (loss, hard, soft). Chunked, one pass over the rows computes
     both and keeps a single gradient, so the cross-entropy costs neither a full-vocab
-    log-softmax of its own nor a second logits-sized gradient to add."""
+    log-softmax of its own nor a second logits-sized gradient to add. overwrite_logits (chunked,
+    with a graph): the gradient is written over student_logits, which the caller must not read
+    again; one logits-sized tensor less per step, and none to fault in afresh."""
     s, t, head, V, T = _prepare(student_logits, teacher_logits, kind, temperature, jsd_beta,
                                 vocab_size, teacher_head)
     y = targets.reshape(-1)
@@ -317,22 +377,25 @@ def kd_loss(student_logits, teacher_logits, targets, alpha, kind="forward_kl", t
         with torch.set_grad_enabled(torch.is_grad_enabled() and alpha > 0):
             hard = hard_loss(student_logits, targets, V, label_smoothing)
         return alpha * hard + (1 - alpha) * soft, hard.detach(), soft.detach()
-    return _fused(s, t, head, y, alpha, kind, T, jsd_beta, V, chunk_rows, label_smoothing)
+    return _fused(s, t, head, y, alpha, kind, T, jsd_beta, V, chunk_rows, label_smoothing,
+                  overwrite=overwrite_logits)
 
 
-def _fused(s, t, head, y, alpha, kind, T, beta, V, chunk_rows, eps, ids=None):
+def _fused(s, t, head, y, alpha, kind, T, beta, V, chunk_rows, eps, ids=None, overwrite=False):
     """The chunked one-pass hybrid over the targets y >= 0: (loss, hard, soft)."""
     w = _weights(y >= 0, s.size(0), s.device)
     hard = (y, float(alpha), float(eps))
     if torch.is_grad_enabled() and s.requires_grad:
-        loss, soft, ce = _ChunkedKD.apply(s, t, head, w, kind, T, beta, V, chunk_rows, hard, ids)
+        loss, soft, ce = _ChunkedKD.apply(s, t, head, w, kind, T, beta, V, chunk_rows, hard, ids,
+                                          overwrite)
         return loss, ce, soft
     soft, ce, _ = _chunked(s, t, head, w, kind, T, beta, V, chunk_rows, False, hard, ids)
     return alpha * ce + (1 - alpha) * soft, ce, soft
 
 
 def cached_kd_loss(student_logits, cached, ids, targets, alpha, kind="forward_kl", temperature=2.0,
-                   jsd_beta=0.5, vocab_size=None, chunk_rows=None, label_smoothing=0.0):
+                   jsd_beta=0.5, vocab_size=None, chunk_rows=None, label_smoothing=0.0,
+                   overwrite_logits=False):
     """kd_loss against a teacher cache (teacher_cache.py), whose log-probabilities were taken at
     T=1: (loss, hard, soft). With ids None, cached holds the (..., V) log-probabilities of the
     whole vocabulary, and this is kd_loss exactly, since log_softmax(log p / T) = softmax(z / T).
@@ -341,19 +404,20 @@ def cached_kd_loss(student_logits, cached, ids, targets, alpha, kind="forward_kl
     to (support, rest), each tempered over its k + 1 buckets (see _support_rows)."""
     if ids is None:
         return kd_loss(student_logits, cached, targets, alpha, kind, temperature, jsd_beta,
-                       vocab_size, chunk_rows, None, label_smoothing)
+                       vocab_size, chunk_rows, None, label_smoothing, overwrite_logits)
     s, t, _, V, T = _prepare(student_logits, cached, kind, temperature, jsd_beta, vocab_size, None, ids)
     ids = ids.reshape(s.size(0), -1)
     chunk_rows = _rows_per_chunk(chunk_rows, s.size(0)) or s.size(0)
     return _fused(s, t, None, targets.reshape(-1), alpha, kind, T, jsd_beta, V, chunk_rows,
-                  label_smoothing, ids)
+                  label_smoothing, ids, overwrite_logits)
 
 
-def hard_loss(logits, targets, vocab_size=None, label_smoothing=0.0, mask=None, chunk_rows=None):
+def hard_loss(logits, targets, vocab_size=None, label_smoothing=0.0, mask=None, chunk_rows=None,
+              overwrite_logits=False):
     """Cross-entropy over the real vocab in float32, averaged over counted targets: targets of -1
     and positions where mask is 0 do not count. Nothing counted gives 0, not NaN. With chunk_rows
     it runs one chunk of rows at a time and keeps only its gradient for backward, which at
-    V=50257 skips several passes over full-vocab tensors (see kd_loss)."""
+    V=50257 skips several passes over full-vocab tensors (overwrite_logits: see kd_loss)."""
     V = vocab_size or logits.size(-1)
     targets = targets.reshape(-1)
     if mask is not None:
@@ -368,7 +432,7 @@ def hard_loss(logits, targets, vocab_size=None, label_smoothing=0.0, mask=None, 
     args = (rows, None, None, w, "forward_kl", 1.0, 0.5, V, chunk_rows)
     hard = (targets, 1.0, float(label_smoothing))
     if torch.is_grad_enabled() and rows.requires_grad:
-        return _ChunkedKD.apply(*args, hard, None)[0]
+        return _ChunkedKD.apply(*args, hard, None, overwrite_logits)[0]
     return _chunked(*args, False, hard)[1]
 
 
@@ -392,7 +456,9 @@ def ce_loss_fn(vocab_size, label_smoothing=0.0, chunk_rows=0):
     chunk_rows = chunk_rows or default_chunk_rows(vocab_size)
 
     def loss_fn(model, x, y):
-        return hard_loss(model(x)[0], y, vocab_size, label_smoothing, chunk_rows=chunk_rows), {}
+        # the logits are this function's own: their storage becomes their gradient
+        return hard_loss(model(x)[0], y, vocab_size, label_smoothing, chunk_rows=chunk_rows,
+                         overwrite_logits=True), {}
     return loss_fn
 
 
@@ -419,7 +485,7 @@ def kd_loss_fn(teacher, vocab_size, alpha, kind="forward_kl", temperature=2.0, j
         # the teacher's logits are formed chunk by chunk inside the loss, never all at once; the
         # soft loss counts exactly the targets the hard loss counts
         loss, hard, soft = kd_loss(logits, t_h, y, alpha, kind, temperature, jsd_beta, vocab_size,
-                                   chunk_rows, head, label_smoothing)
+                                   chunk_rows, head, label_smoothing, overwrite_logits=True)
         parts = dict(hard=hard, soft=soft)
         if alpha_cos > 0:
             cos = cosine_loss(h, t_h, y >= 0)
@@ -437,7 +503,8 @@ def cached_kd_loss_fn(vocab_size, alpha, kind="forward_kl", temperature=2.0, jsd
     chunk_rows = chunk_rows or default_chunk_rows(vocab_size)
 
     def loss_fn(model, x, y, cached, ids=None):
+        # the logits are this function's own: their storage becomes their gradient
         loss, hard, soft = cached_kd_loss(model(x)[0], cached, ids, y, alpha, kind, temperature,
-                                          jsd_beta, vocab_size, chunk_rows, label_smoothing)
+                                          jsd_beta, vocab_size, chunk_rows, label_smoothing, True)
         return loss, dict(hard=hard, soft=soft)
     return loss_fn

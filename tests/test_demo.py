@@ -25,6 +25,10 @@ def test_demo_report_and_reuse(char_data, tmp_path):
     assert b["params"] == d["params"] < t["params"] and report["total_s"] > 0
     md = (out / "report.md").read_text()
     assert "| teacher |" in md and "| improvement |" in md and "Equal wall-clock" in md
+    assert "KL from teacher | top-1 agreement | ECE" in md
+    for name in ("baseline", "distilled", "baseline_equal_time"):  # students against the teacher
+        assert report[name]["kl_from_teacher"] > 0 and 0 <= report[name]["agreement"] <= 1
+    assert "kl_from_teacher" not in t and 0 <= t["val_ece"] <= 1
     assert (out / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # only the loss differs between the two students: same seed (init and data order), steps, schedule
     from checkpoint import load

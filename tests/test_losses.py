@@ -371,3 +371,35 @@ def test_cosine_loss():
     assert torch.allclose(cosine_loss(a, b, mask), ref, atol=1e-6)
     with pytest.raises(ValueError, match="widths"):
         cosine_loss(a, logits(2, 3, 9))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kd", [True, False])
+def test_overwrite_logits_keeps_loss_and_gradient(dtype, kd):
+    # the logits' storage taken for their gradient: the loss, its parts and the gradient reaching
+    # the layer below equal those of a separate gradient tensor, and the logits hold that gradient
+    h, W = logits(2, 5, 6, seed=50, scale=1.0), logits(13, 6, seed=51, scale=0.5)
+    th, head = logits(2, 5, 6, seed=52, scale=1.0), logits(13, 6, seed=53)
+    y = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(3))
+    y[0, 2] = -1
+
+    def run(overwrite):
+        Wp = W.clone().requires_grad_(True)
+        s = (h @ Wp.T).to(dtype)
+        s.retain_grad()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+            if kd:
+                out = kd_loss(s, th, y, 0.3, temperature=2.0, vocab_size=11, chunk_rows=3,
+                              teacher_head=head, label_smoothing=0.1, overwrite_logits=overwrite)
+            else:
+                out = (hard_loss(s, y, 11, chunk_rows=3, overwrite_logits=overwrite),)
+        (2 * out[0]).backward()
+        shares = any(x.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() for x in saved)
+        return [o.detach() for o in out], Wp.grad, s, shares
+
+    a, ga, sa, shared_a = run(False)
+    b, gb, sb, shared_b = run(True)
+    assert all(torch.equal(x, z) for x, z in zip(a, b)) and torch.equal(ga, gb) and ga.abs().max() > 1e-3
+    assert shared_b and not shared_a
+    assert torch.equal(sb.detach(), sa.grad)  # the overwritten logits are their gradient
