@@ -30,6 +30,7 @@ DEFAULTS = dict(
     top_k=64,  # tokens kept per target; 0 keeps the whole distribution (small vocabularies)
     cache_dtype="float16",  # float16, bfloat16, or float32 (exactness checks)
     batch_size=16,  # windows per teacher forward; fixes the blocks a rerun resumes at
+    windows=0,  # cache only the first N windows (students draw among them); 0: the whole train split
     out="",  # the cache folder; default <dataset>/teacher_<id>
     overwrite=False,  # replace a cache of other settings in out
     device="auto",  # auto (cuda if available, else cpu), cpu, cuda, cuda:N
@@ -37,7 +38,7 @@ DEFAULTS = dict(
     compile=False,  # torch.compile the teacher
 )
 LIMITS = dict(top_k="[0, inf)", cache_dtype=tuple(DTYPES), batch_size="[1, inf)", block_size="[1, inf)", out=OUT_DIR,
-              dtype=DTYPE_CHOICES)
+              dtype=DTYPE_CHOICES, windows="[0, inf)")
 
 
 def check(cfg, data):
@@ -50,6 +51,9 @@ def check(cfg, data):
     if cfg["block_size"] >= len(data.tokens["train"]):
         raise UserError(f"block_size={cfg['block_size']} must be below the train "
                         f"split's {len(data.tokens['train'])} tokens")
+    if cfg["windows"] > data.windows_of(cfg["block_size"]):
+        raise UserError(f"windows={cfg['windows']} exceeds the {data.windows_of(cfg['block_size'])} "
+                        f"windows of block_size={cfg['block_size']} in the train split: lower it, or 0 for all")
 
 
 def write(cfg, rt, data, teachers, weights, folder, meta):
@@ -98,7 +102,7 @@ def main(cfg):
                 raise UserError(f"block_size={cfg['block_size']} exceeds teacher {source}'s context "
                                 f"{model.config.block_size}")
         meta = make_meta(identity, data, cfg["block_size"], cfg["top_k"], cfg["cache_dtype"],
-                         cfg["batch_size"])
+                         cfg["batch_size"], cfg["windows"])
         folder = cfg["out"] or os.path.join(data.dir, f"teacher_{meta['id']}")
         action = plan(folder, meta, cfg["overwrite"])
         if action == "complete":

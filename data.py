@@ -18,7 +18,11 @@ DTYPES = ("uint16", "uint32")  # what prepare/ writes: uint32 only when the voca
 
 
 class BinDataset:
-    def __init__(self, data_dir):
+    """A prepared dataset. train_windows=N: training rows are drawn among the first N windows at
+    multiples of block_size (those a teacher cache of N windows holds), so a CE run and a cached
+    distillation with one seed see the very same rows; 0: a row may start at any token."""
+
+    def __init__(self, data_dir, train_windows=0):
         if os.path.isfile(data_dir):
             raise UserError(f"{data_dir} is a file; a dataset is the folder a prepare/ script writes "
                             f"(train.bin, val.bin, meta.json)")
@@ -31,6 +35,7 @@ class BinDataset:
                             f"was interrupted; rerun the prepare script")
         self.meta = _read_meta(meta_path)
         self.dir = data_dir
+        self.train_windows = train_windows
         self.dtype = np.dtype(self.meta.get("dtype", "uint16"))
         self.tokens, self.masks = {}, {}
         for split in SPLITS:
@@ -87,12 +92,23 @@ class BinDataset:
             if len(self.tokens[split]) <= block_size:
                 raise UserError(f"block_size={block_size} is larger than the {split} split "
                                 f"({len(self.tokens[split])} tokens): lower block_size")
+        held = self.windows_of(block_size)
+        if self.train_windows > held:
+            raise UserError(f"train_windows={self.train_windows} exceeds the {held} windows of "
+                            f"block_size={block_size} in {self.dir}'s train split: lower it")
+
+    def windows_of(self, block_size):
+        """Whole windows of block_size (and their next-token targets) in the train split."""
+        return (len(self.tokens["train"]) - 1) // block_size
 
     def _window(self, split, starts, T):
         return _windows_at(self.tokens[split], self.masks.get(split), starts, T)
 
     def batch(self, split, batch_size, block_size, seed, step, micro, world_size=1, rank=0):
         """Rows micro*world+rank of the global batch of optimizer step `step` (see draw)."""
+        if split == "train" and self.train_windows:
+            starts = draw(self.train_windows, split, batch_size, seed, step, micro, world_size, rank)
+            return self._window(split, starts * block_size, block_size)
         starts = draw(len(self.tokens[split]) - block_size, split, batch_size, seed, step, micro,
                       world_size, rank)
         return self._window(split, starts, block_size)

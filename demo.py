@@ -1,13 +1,16 @@
-"""The main job, end to end on a CPU: teacher -> CE baseline vs distilled student -> report.
+"""The main question, end to end on a CPU: does distillation beat training the small model alone,
+for the same compute?
 
     make demo                                   # embedded Shakespeare, char-level
     python demo.py dataset=data/mytext out=out/mydemo student_iters=2000
 
-Stages (each reused on rerun unless force=True): prepare the corpus, train the teacher, train the
-CE baseline student, distil the same student (same init seed, data order, steps and schedule:
-only the loss differs), train a CE baseline for the distillation's wall-clock time, evaluate
-all on the whole val split (loss, calibration, and each student's KL from the teacher and top-1
-agreement with it), write report.md, report.json and val_loss.png.
+Train large once, distil many times. Stages (each reused on rerun while its inputs and the stages
+it reads are unchanged, unless force=True): prepare the corpus, train the teacher, cache its
+distributions once (cache_teacher.py), train the CE student and the distilled student from the
+cache (same init, windows, steps and schedule: only the loss differs), train a CE student for as
+many seconds as the distilled one trained, evaluate all on the whole val split, and write
+report.md, report.json and val_loss.png: the students compared at equal steps and at equal
+training seconds, the teacher and its cache shown apart as the costs paid once.
 """
 import json
 import os
@@ -16,42 +19,45 @@ import sys
 import time
 
 from configurator import OUT_DIR, UserError, run
+from demo_report import plot, report, run_metrics
 from losses import KINDS
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 DEFAULTS = dict(
     dataset="",  # a prepared dataset folder; empty: the embedded Shakespeare corpus, char-level
-    out="out/demo",  # the demo's folder: one run per stage, report.md, report.json, val_loss.png
-    force=False,  # rerun every stage, even those finished before with the same arguments
+    out="out/demo",  # the demo's folder: one folder per stage, report.md, report.json, val_loss.png
+    force=False,  # rerun every stage, even those finished before with the same inputs
     device="auto",  # auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps
-    compile=False,  # torch.compile the models
-    seed=1337,  # seed of every stage (the two students start from the same weights)
+    compile=False,  # torch.compile the models (on 2 CPU cores it compiles for a minute and runs no faster)
+    seed=1337,  # seed of every stage (the students start from the same weights and draw the same windows)
     block_size=128,  # tokens per row, for every model
     batch_size=32,  # rows per step
-    eval_interval=100,  # steps between val loss estimates
+    eval_interval=100,  # steps between val loss estimates (the plot's points)
     eval_iters=10,  # batches per val loss estimate
-    # sizes and settings from a sweep on the embedded corpus (README, "The demo"): students 2-4
-    # layers x 64-128 wide, alpha 0.1-0.5, T 1-2; both students get the same lr and schedule
+    # sizes and settings from a sweep on the embedded corpus (README, "The demo")
     teacher_n_layer=4, teacher_n_head=4, teacher_n_embd=128,  # the teacher: blocks, heads, width
-    teacher_iters=800,  # the teacher's training steps
+    teacher_iters=1200,  # the teacher's training steps
     teacher_lr=3e-3,  # the teacher's peak learning rate (min_lr is a tenth of it)
-    student_n_layer=3, student_n_head=4, student_n_embd=96,  # both students: blocks, heads, width
-    student_iters=600,  # each student's training steps
+    top_k=0,  # tokens the cache keeps per target; 0: the whole distribution (exact)
+    cache_windows=16384,  # the cache holds the first N windows of block_size (at most all): the students' data
+    student_n_layer=3, student_n_head=4, student_n_embd=96,  # the students: blocks, heads, width
+    student_iters=600,  # the students' training steps
     student_lr=3e-3,  # the students' peak learning rate (min_lr is a tenth of it)
     distill_type="hybrid",  # logit: soft loss only; hybrid: alpha x CE + (1 - alpha) x soft
     alpha=0.1,  # weight of the hard (CE) loss in hybrid mode
     temperature=1.0,  # softens both distributions; the soft loss is scaled by T^2
     kd_loss="forward_kl",  # the soft loss: forward_kl, reverse_kl or jsd
-    equal_time=True,  # also train a CE baseline for as long as the distillation took
+    equal_time=True,  # also train a CE student for as many seconds as the distilled one trained
+    ensemble=False,  # also train a second teacher (seed + 1) and distil from it alone and from both
 )
 LIMITS = dict(
     out=OUT_DIR, seed="[0, inf)", block_size="[1, inf)", batch_size="[1, inf)", eval_interval="[1, inf)",
     eval_iters="[1, inf)", teacher_n_layer="[1, inf)", teacher_n_head="[1, inf)", teacher_n_embd="[1, inf)",
-    teacher_iters="[1, inf)", teacher_lr="(0, inf)", student_n_layer="[1, inf)", student_n_head="[1, inf)",
-    student_n_embd="[1, inf)", student_iters="[1, inf)", student_lr="(0, inf)",
-    distill_type=("logit", "hybrid"), alpha="[0, 1]", temperature="(0, inf)",
-    kd_loss=KINDS,
+    teacher_iters="[1, inf)", teacher_lr="(0, inf)", top_k="[0, inf)", cache_windows="[0, inf)",
+    student_n_layer="[1, inf)", student_n_head="[1, inf)", student_n_embd="[1, inf)",
+    student_iters="[1, inf)", student_lr="(0, inf)", distill_type=("logit", "hybrid"), alpha="[0, 1]",
+    temperature="(0, inf)", kd_loss=KINDS,
 )
 
 
@@ -59,39 +65,116 @@ def stage(title):
     print(f"\n=== {title} " + "=" * max(0, 70 - len(title)), flush=True)
 
 
-def run_stage(cfg, title, script, out_dir, args):
-    """Run one training script as a user would; reuse a run finished with the same arguments
-    unless force=True."""
-    stage(title)
-    cmd = [sys.executable, os.path.join(ROOT, script), *args, f"out_dir={out_dir}", "overwrite=True",
-           "final_eval=False", f"device={cfg['device']}", f"compile={cfg['compile']}", f"seed={cfg['seed']}"]
-    state_path = os.path.join(out_dir, "demo_stage.json")
-    if not cfg["force"] and os.path.exists(state_path):
-        with open(state_path) as f:
-            state = json.load(f)
-        if state.get("args") == cmd[2:]:
-            print(f"reusing {out_dir} (force=True retrains)")
-            return state
-    print("$ " + " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:]), flush=True)
-    t = time.perf_counter()
-    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-        raise UserError(f"stage '{title}' failed; see the output above")
-    state = dict(args=cmd[2:], train_s=time.perf_counter() - t)
-    with open(state_path, "w") as f:
-        json.dump(state, f)
-    return state
+class Stages:
+    """What each stage ran with, when, and for how long ({out}/stages.json). A stage is reused
+    while its arguments, the runs of the stages it reads and its product are unchanged: a
+    retrained teacher means a new cache and new students, though their arguments are the same."""
+
+    def __init__(self, out, force):
+        self.path = os.path.join(out, "stages.json")
+        self.done = {}
+        if not force and os.path.exists(self.path):
+            with open(self.path) as f:
+                self.done = json.load(f)
+        self.reused = []
+
+    def run(self, name, title, script, args, product, after=()):
+        stage(title)
+        inputs = [*args, *(self.done[a]["ran"] for a in after)]
+        old = self.done.get(name)
+        if old and old["inputs"] == inputs and os.path.exists(product):
+            print(f"reusing {os.path.dirname(product)} (force=True reruns)")
+            self.reused.append(name)
+            return old
+        print("$ python " + " ".join([script, *args]), flush=True)
+        t = time.perf_counter()
+        if subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT).returncode:
+            raise UserError(f"stage '{title}' failed; see the output above")
+        self.done[name] = dict(inputs=inputs, ran=time.time(), seconds=time.perf_counter() - t)
+        with open(self.path + ".tmp", "w") as f:
+            json.dump(self.done, f, indent=1)
+        os.replace(self.path + ".tmp", self.path)
+        return self.done[name]
 
 
-def sizes(cfg, who):
-    return [f"n_layer={cfg[who + '_n_layer']}", f"n_head={cfg[who + '_n_head']}",
-            f"n_embd={cfg[who + '_n_embd']}", f"learning_rate={cfg[who + '_lr']}",
-            f"min_lr={cfg[who + '_lr'] / 10}"]
+def trained_seconds(out_dir):
+    """Seconds of the training loop itself (the trainer's clock: no start-up, no final eval)."""
+    return [r["time"] for r in run_metrics(out_dir) if "time" in r][-1]
+
+
+class Demo:
+    """The stages, in the order main runs them; each returns what the next one needs."""
+
+    def __init__(self, cfg, windows):
+        self.cfg, self.windows, self.out = cfg, windows, cfg["out"]
+        self.stages = Stages(self.out, cfg["force"])
+        self.runs, self.paid_once, self.caches = {}, {}, {}
+        c = cfg
+        self.common = [f"dataset={c['dataset']}", f"block_size={c['block_size']}", f"batch_size={c['batch_size']}",
+                       f"eval_interval={c['eval_interval']}", f"eval_iters={c['eval_iters']}", "log_interval=10",
+                       "overwrite=True", "final_eval=False", f"device={c['device']}", f"compile={c['compile']}"]
+        self.student = [*self.common, *self.sizes("student"), f"train_windows={windows}", f"seed={c['seed']}",
+                        f"warmup_iters={max(1, c['student_iters'] // 20)}"]
+
+    def sizes(self, who):
+        c = self.cfg
+        return [f"n_layer={c[who + '_n_layer']}", f"n_head={c[who + '_n_head']}", f"n_embd={c[who + '_n_embd']}",
+                f"learning_rate={c[who + '_lr']}", f"min_lr={c[who + '_lr'] / 10}"]
+
+    def train(self, name, title, script, args, after=()):
+        out_dir = os.path.join(self.out, name)
+        self.runs[name] = out_dir
+        return self.stages.run(name, title, script, [*args, f"out_dir={out_dir}"],
+                               os.path.join(out_dir, "ckpt.pt"), after)
+
+    def teacher(self, name, seed):
+        c = self.cfg
+        done = self.train(name, f"{name}: trained once", "train.py", [
+            *self.common, *self.sizes("teacher"), f"max_iters={c['teacher_iters']}", f"seed={seed}",
+            f"warmup_iters={max(1, c['teacher_iters'] // 20)}"])
+        self.paid_once[name] = done["seconds"]
+
+    def cache(self, name, teachers):
+        """One cache_teacher.py run over the students' windows; teachers: names of trained teachers."""
+        c = self.cfg
+        folder = os.path.join(self.out, name)
+        done = self.stages.run(name, f"{name}: {' + '.join(teachers)} cached once", "cache_teacher.py", [
+            "teacher=" + ",".join(self.runs[t] for t in teachers), f"dataset={c['dataset']}",
+            f"block_size={c['block_size']}", f"top_k={c['top_k']}", f"windows={self.windows}", f"out={folder}",
+            "overwrite=True", f"device={c['device']}", f"compile={c['compile']}"],
+            os.path.join(folder, "meta.json"), after=teachers)
+        self.paid_once[name] = done["seconds"]
+        self.caches[name] = folder
+
+    def ce_student(self, name, title, steps):
+        self.train(name, title, "train.py", [*self.student, f"max_iters={steps}"])
+        return trained_seconds(self.runs[name])
+
+    def distilled_student(self, name, cache):
+        c = self.cfg
+        self.train(name, f"{name}: the same student, distilled from {cache}", "distill.py", [
+            *self.student, f"max_iters={c['student_iters']}", f"teacher_cache={self.caches[cache]}",
+            f"distill_type={c['distill_type']}", f"alpha={c['alpha']}", f"temperature={c['temperature']}",
+            f"kd_loss={c['kd_loss']}"], after=[cache])
+        return trained_seconds(self.runs[name])
+
+
+def prepare(cfg):
+    if cfg["dataset"]:
+        return
+    cfg["dataset"] = os.path.join("data", "shakespeare_char")
+    stage("prepare: the embedded Shakespeare corpus, char-level")
+    if cfg["force"] or not os.path.exists(os.path.join(cfg["dataset"], "meta.json")):
+        subprocess.run([sys.executable, os.path.join(ROOT, "prepare", "shakespeare.py"),
+                        f"out={cfg['dataset']}"], cwd=ROOT, check=True)
+    else:
+        print(f"reusing {cfg['dataset']}")
 
 
 def evaluate_all(runs, dataset, block_size, device):
     """Exact loss and calibration over the whole val split for each run's final checkpoint, all
     over the same windows in one pass, and each student against the teacher: KL(teacher || student)
-    per token and top-1 agreement."""
+    per token and top-1 agreement. report() shows every column it knows that some run has."""
     from checkpoint import load_model
     from data import BinDataset
     from evaluation import evaluate_models
@@ -102,8 +185,9 @@ def evaluate_all(runs, dataset, block_size, device):
                              reference="teacher")
     results = {}
     for name, r in scores.items():
-        results[name] = dict(params=r["params"], val_loss=r["loss"], val_ppl=r["ppl"],
-                             val_tokens=r["tokens"], val_ece=r["ece"])
+        results[name] = dict(params=r["params"], val_loss=r["loss"], val_ppl=r["ppl"], val_tokens=r["tokens"],
+                             val_ece=r["ece"], steps=run_metrics(runs[name])[-1]["step"],
+                             train_s=trained_seconds(runs[name]))
         against = ""
         if "kl" in r:
             results[name].update(kl_from_teacher=r["kl"], agreement=r["agreement"])
@@ -113,114 +197,32 @@ def evaluate_all(runs, dataset, block_size, device):
     return results
 
 
-def val_curve(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        recs = [json.loads(line) for line in f if line.strip()]
-    return [(r["step"], r["time"], r["val_loss"]) for r in recs if "val_loss" in r]
-
-
-def plot(runs, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (name, out_dir) in enumerate(runs.items()):
-        steps, secs, losses = zip(*val_curve(out_dir))
-        a.plot(steps, losses, label=name, color=f"C{i}")  # one colour per run in both panels
-        if name != "teacher":
-            b.plot(secs, losses, label=name, color=f"C{i}")
-    a.set(xlabel="step", ylabel="val loss (sampled batches)", title="val loss vs steps")
-    b.set(xlabel="training seconds", ylabel="val loss", title="students vs wall-clock")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def report(cfg, results, timings, total_s, out):
-    t, b, d = results["teacher"], results["baseline"], results["distilled"]
-    ppl_red = 100 * (b["val_ppl"] - d["val_ppl"]) / b["val_ppl"]
-    gap = b["val_loss"] - t["val_loss"]
-    gap_rec = 100 * (b["val_loss"] - d["val_loss"]) / gap if gap > 0 else float("nan")
-    for name in results:
-        results[name]["train_s"] = timings[name]
-    rows = [("teacher", t), ("baseline (CE)", b), ("distilled", d)]
-    if "baseline_equal_time" in results:
-        rows.append((f"baseline (CE, equal time)", results["baseline_equal_time"]))
-    lines = ["| model | params | val loss | val PPL | KL from teacher | top-1 agreement | ECE | train s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {n} | {r['params'] / 1e6:.2f}M | {r['val_loss']:.4f} | {r['val_ppl']:.3f} | "
-              + (f"{r['kl_from_teacher']:.4f} | {r['agreement']:.1%} | " if "agreement" in r else "- | - | ")
-              + f"{r['val_ece']:.4f} | {r['train_s']:.0f} |" for n, r in rows]
-    lines.append(f"| improvement | | {d['val_loss'] - b['val_loss']:+.4f} | "
-                 f"{d['val_ppl'] - b['val_ppl']:+.3f} ({-ppl_red:+.1f}%) | "
-                 f"{d['kl_from_teacher'] - b['kl_from_teacher']:+.4f} | "
-                 f"{100 * (d['agreement'] - b['agreement']):+.1f} pts | | |")
-    table = "\n".join(lines)
-    notes = [f"Distilled vs CE baseline at equal steps ({cfg['student_iters']}): perplexity "
-             f"{ppl_red:.1f}% lower; {gap_rec:.0f}% of the baseline-to-teacher loss gap recovered."]
-    if "baseline_equal_time" in results:
-        e = results["baseline_equal_time"]
-        notes.append(f"Equal wall-clock: a CE baseline trained {e['steps']} steps "
-                     f"({e['train_s']:.0f} s, as long as the distillation's {d['train_s']:.0f} s, which "
-                     f"includes the teacher's forward passes) reaches val loss {e['val_loss']:.4f} "
-                     f"(PPL {e['val_ppl']:.3f}) against the distilled {d['val_loss']:.4f}. The "
-                     f"teacher's own training ({t['train_s']:.0f} s) is excluded.")
-    md = (f"# nanodistill demo\n\n{table}\n\n" + "\n\n".join(notes)
-          + f"\n\nData: {cfg['dataset']}, whole val split. Total wall time {total_s:.0f} s.\n\n"
-          f"![val loss](val_loss.png)\n")
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(md)
-    summary = dict(results, ppl_reduction_pct=ppl_red, gap_recovered_pct=gap_rec, total_s=total_s,
-                   config=cfg)
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print("\n" + table + "\n\n" + "\n".join(notes))
-    print(f"\nwrote {out}/report.md, report.json, val_loss.png in {total_s:.0f} s")
-
-
 def main(cfg):
     t0 = time.perf_counter()
-    out = cfg["out"]
-    os.makedirs(out, exist_ok=True)
-    if not cfg["dataset"]:
-        cfg["dataset"] = os.path.join("data", "shakespeare_char")
-        stage("prepare: the embedded Shakespeare corpus, char-level")
-        if cfg["force"] or not os.path.exists(os.path.join(cfg["dataset"], "meta.json")):
-            subprocess.run([sys.executable, os.path.join(ROOT, "prepare", "shakespeare.py"),
-                            f"out={cfg['dataset']}"], cwd=ROOT, check=True)
-        else:
-            print(f"reusing {cfg['dataset']}")
+    os.makedirs(cfg["out"], exist_ok=True)
+    prepare(cfg)
     from data import BinDataset
-    BinDataset(cfg["dataset"])  # fail now, with a clear message, not inside a stage
-    common = [f"dataset={cfg['dataset']}", f"block_size={cfg['block_size']}", f"batch_size={cfg['batch_size']}",
-              f"eval_interval={cfg['eval_interval']}", f"eval_iters={cfg['eval_iters']}", "log_interval=10"]
-    student = common + sizes(cfg, "student") + [f"warmup_iters={max(1, cfg['student_iters'] // 20)}"]
-    runs = {"teacher": os.path.join(out, "teacher"), "baseline": os.path.join(out, "baseline"),
-            "distilled": os.path.join(out, "distilled")}
-    timings = {}
-    timings["teacher"] = run_stage(cfg, "teacher", "train.py", runs["teacher"], common + sizes(cfg, "teacher") + [
-        f"max_iters={cfg['teacher_iters']}", f"warmup_iters={max(1, cfg['teacher_iters'] // 20)}"])["train_s"]
-    timings["baseline"] = run_stage(cfg, "baseline student (CE)", "train.py", runs["baseline"],
-                                    student + [f"max_iters={cfg['student_iters']}"])["train_s"]
-    timings["distilled"] = run_stage(cfg, "distilled student", "distill.py", runs["distilled"], student + [
-        f"max_iters={cfg['student_iters']}", f"teacher={runs['teacher']}", f"distill_type={cfg['distill_type']}",
-        f"alpha={cfg['alpha']}", f"temperature={cfg['temperature']}", f"kd_loss={cfg['kd_loss']}"])["train_s"]
-    eq_steps = None
+    data = BinDataset(cfg["dataset"])  # fail now, with a clear message, not inside a stage
+    held = data.windows_of(cfg["block_size"])
+    demo = Demo(cfg, min(cfg["cache_windows"] or held, held))
+    demo.teacher("teacher", cfg["seed"])
+    demo.cache("cache", ["teacher"])
+    ce_s = demo.ce_student("baseline", "baseline: the student trained alone (CE)", cfg["student_iters"])
+    kd_s = demo.distilled_student("distilled", "cache")
     if cfg["equal_time"]:
-        eq_steps = max(1, round(cfg["student_iters"] * timings["distilled"] / timings["baseline"]))
-        runs["baseline_equal_time"] = os.path.join(out, "baseline_equal_time")
-        timings["baseline_equal_time"] = run_stage(
-            cfg, f"baseline student (CE), equal wall-clock: {eq_steps} steps", "train.py",
-            runs["baseline_equal_time"], student + [f"max_iters={eq_steps}"])["train_s"]
+        steps = max(1, round(cfg["student_iters"] * kd_s / ce_s))
+        demo.ce_student("baseline_equal_time", f"baseline_equal_time: CE for the distilled student's "
+                        f"{kd_s:.0f} s: {steps} steps", steps)
+    if cfg["ensemble"]:
+        demo.teacher("teacher_2", cfg["seed"] + 1)
+        demo.cache("cache_2", ["teacher_2"])
+        demo.cache("cache_both", ["teacher", "teacher_2"])
+        demo.distilled_student("distilled_2", "cache_2")
+        demo.distilled_student("distilled_both", "cache_both")
     stage("evaluate: whole val split")
-    results = evaluate_all(runs, cfg["dataset"], cfg["block_size"], cfg["device"])
-    if eq_steps:
-        results["baseline_equal_time"]["steps"] = eq_steps
-    plot(runs, os.path.join(out, "val_loss.png"))
-    report(cfg, results, timings, time.perf_counter() - t0, out)
+    results = evaluate_all(demo.runs, cfg["dataset"], cfg["block_size"], cfg["device"])
+    plot(demo.runs, [r for r in demo.runs if r.startswith("teacher")], os.path.join(cfg["out"], "val_loss.png"))
+    report(cfg, results, demo, time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

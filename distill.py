@@ -92,7 +92,7 @@ def open_cache(cfg, data):
     cache = TeacherCache(cfg["teacher_cache"])
     teacher_id = load_teachers(cfg["teacher"], data)[2] if cfg["teacher"] else None
     cache.check(data, cfg["block_size"], teacher_id)
-    return CachedDataset(cfg["dataset"], cache)
+    return CachedDataset(cfg["dataset"], cache, cfg["train_windows"])
 
 
 def main(cfg):

@@ -1,6 +1,7 @@
 """A teacher run once over a dataset's train split, kept on disk: the format, its writer and reader.
 
-Window i of the train split is tokens [i*T, i*T + T] (T = block_size): T inputs, T targets. For each
+Window i of the train split is tokens [i*T, i*T + T] (T = block_size): T inputs, T targets; a cache
+holds the first `windows` of them (by default all the split's whole windows). For each
 target the cache holds the teacher's T=1 log-probabilities of its top_k tokens, in descending order,
 and in one more column the log of the probability mass outside them; with top_k=0 it holds all V
 log-probabilities and no ids. Files in the cache folder (default data/<name>/teacher_<id>/):
@@ -115,14 +116,15 @@ def layout(vocab_size, block_size, top_k, cache_dtype, batch_size, windows):
                 bytes_per_token=cols * value_bytes + top_k * id_bytes, batch_size=batch_size, files=files)
 
 
-def make_meta(teacher, data, block_size, top_k, cache_dtype, batch_size):
-    """meta.json of a cache before it is complete; its "id" names the default folder."""
-    windows = (len(data.tokens["train"]) - 1) // block_size
+def make_meta(teacher, data, block_size, top_k, cache_dtype, batch_size, windows=0):
+    """meta.json of a cache of the first `windows` windows (0: all) before it is complete; its
+    "id" names the default folder."""
+    windows = windows or data.windows_of(block_size)
     meta = dict(format=FORMAT, teacher=teacher,
                 dataset=dict(path=os.path.normpath(data.dir), sha256=dataset_sha256(data)),
                 tokenizer=data.tokenizer,
                 **layout(data.vocab_size, block_size, top_k, cache_dtype, batch_size, windows))
-    key = [teacher["id"], meta["dataset"]["sha256"], block_size, top_k, cache_dtype]
+    key = [teacher["id"], meta["dataset"]["sha256"], block_size, top_k, cache_dtype, windows]
     meta["id"] = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:10]
     return meta
 
@@ -380,9 +382,9 @@ class TeacherCache:
         if block_size != self.T:
             raise UserError(f"{where} holds windows of block_size={self.T}, not {block_size}: set "
                             f"block_size={self.T} or write a cache with block_size={block_size}")
-        if self.windows != (len(data.tokens["train"]) - 1) // self.T:
+        if self.windows > data.windows_of(self.T):
             raise UserError(f"{where} holds {self.windows} windows but {data.dir}'s train split has "
-                            f"{(len(data.tokens['train']) - 1) // self.T}: write the cache again")
+                            f"{data.windows_of(self.T)}: write the cache again")
         if teacher_id is not None and teacher_id["id"] != meta["teacher"]["id"]:
             raise UserError(f"{where} was written from teacher {','.join(meta['teacher']['sources'])} "
                             f"but teacher={','.join(teacher_id['sources'])} has other weights or "
@@ -402,15 +404,19 @@ class TeacherCache:
 class CachedDataset(BinDataset):
     """A prepared dataset whose training batches are cached teacher windows: a batch is
     (x, y, cached values[, ids]), its rows drawn among the windows as a pure function of
-    (seed, step, micro-step, rank) like BinDataset's. Validation batches are BinDataset's."""
+    (seed, step, micro-step, rank) like BinDataset's, among the cache's first train_windows
+    windows (0: all it holds). Validation batches are BinDataset's."""
 
-    def __init__(self, data_dir, cache):
-        super().__init__(data_dir)
+    def __init__(self, data_dir, cache, train_windows=0):
+        if train_windows > cache.windows:
+            raise UserError(f"train_windows={train_windows} exceeds the {cache.windows} windows "
+                            f"{cache.folder} holds: lower it, or cache more windows")
+        super().__init__(data_dir, train_windows or cache.windows)
         self.cache = cache
 
     def batch(self, split, batch_size, block_size, seed, step, micro, world_size=1, rank=0):
         if split != "train":
             return super().batch(split, batch_size, block_size, seed, step, micro, world_size, rank)
-        windows = draw(self.cache.windows, split, batch_size, seed, step, micro, world_size, rank)
+        windows = draw(self.train_windows, split, batch_size, seed, step, micro, world_size, rank)
         x, y = self._window(split, windows * self.cache.T, self.cache.T)
         return (x, y, *self.cache.rows(windows))

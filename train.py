@@ -14,7 +14,7 @@ from trainer import DEFAULTS, LIMITS, init_model, train
 def main(cfg):
     rt = Runtime(cfg)
     try:
-        data = BinDataset(cfg["dataset"])
+        data = BinDataset(cfg["dataset"], cfg["train_windows"])
         model, resume = init_model(cfg, data, rt)
         loss_fn = ce_loss_fn(model.config.vocab_size, cfg["label_smoothing"], cfg["chunk_rows"])
         train(cfg, model, data, loss_fn, rt, resume, extra_state=dict(tokenizer=data.tokenizer))

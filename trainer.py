@@ -46,6 +46,7 @@ DEFAULTS = dict(
     batch_size=12,  # rows per micro-step on each rank
     block_size=256,  # tokens per row: the context length
     gradient_accumulation_steps=1,  # micro-steps per optimizer step, over all ranks together
+    train_windows=0,  # N > 0: rows are drawn among the first N windows at multiples of block_size (a teacher cache's); 0: anywhere
     # model, when built from scratch: a GPT-2 name or the sizes below
     model="",  # gpt2, gpt2-medium, gpt2-large or gpt2-xl sizes; empty: n_layer, n_head, n_embd
     n_layer=6, n_head=6, n_embd=384,  # blocks, attention heads, width
@@ -88,7 +89,7 @@ DEFAULTS = dict(
 # the values a key may take, where that is plain (configurator.describe): checked before any work
 LIMITS = dict(
     out_dir=OUT_DIR, keep_last="[1, inf)", eval_interval="[1, inf)", eval_iters="[1, inf)",
-    log_interval="[1, inf)", batch_size="[1, inf)", block_size="[1, inf)",
+    log_interval="[1, inf)", batch_size="[1, inf)", block_size="[1, inf)", train_windows="[0, inf)",
     gradient_accumulation_steps="[1, inf)", n_layer="[1, inf)", n_head="[1, inf)", n_embd="[1, inf)",
     dropout="[0, 1)", learning_rate="(0, inf)", max_iters="[0, inf)", weight_decay="[0, inf)",
     beta1="[0, 1)", beta2="[0, 1)", grad_clip="[0, inf)", warmup_iters="[0, inf)",

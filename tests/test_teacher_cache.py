@@ -156,6 +156,30 @@ def test_ensemble_caches_the_weighted_mixture(data, teachers, tmp_path):
     assert parse_teachers("a, b, 0.7, 0.3")[1] == pytest.approx([0.7, 0.3])
 
 
+def test_partial_cache_and_a_ce_run_draw_the_same_windows(data, teachers, topk_cache, tmp_path):
+    """windows=N caches the first N windows, byte for byte the whole cache's first rows; a CE run
+    with train_windows=N draws, step for step, the very rows a distillation from it draws."""
+    out = tmp_path / "first10"
+    cache(data, teachers[0], out, "top_k=8", "batch_size=2", "windows=10")
+    part, whole = TeacherCache(str(out)), TeacherCache(topk_cache)
+    assert part.windows == 10 < whole.windows and part.meta["id"] != whole.meta["id"]
+    for name, row_bytes in (("logp.bin", 9 * 2), ("ids.bin", 8 * 2)):
+        assert read(out, name) == read(topk_cache, name)[:10 * T * row_bytes]
+    tokens = BinDataset(data).tokens["train"]
+    first = np.stack([tokens[i * T:(i + 1) * T] for i in range(10)])
+    plain, seen = BinDataset(data, train_windows=10), set()
+    for cached in (CachedDataset(data, part), CachedDataset(data, whole, train_windows=10)):
+        for step in range(4):
+            x, y, values, ids = cached.batch("train", 8, T, seed=5, step=step, micro=0)
+            px, py = plain.batch("train", 8, T, 5, step, 0)
+            assert torch.equal(x, px) and torch.equal(y, py)
+            for row in x.numpy():
+                match = np.flatnonzero((first == row).all(1))  # one of the first 10 windows
+                assert len(match) == 1
+                seen.add(int(match[0]))
+    assert len(seen) > 3
+
+
 # ---------------------------------------------------------------- killed, resumed, several ranks
 
 
@@ -283,6 +307,8 @@ REFUSED = {
     "no meta": (lambda c, d, t, tmp: [f"teacher_cache={damaged(c, tmp, 'no meta')}"], "has no meta.json"),
     "missing": (lambda c, d, t, tmp: [f"teacher_cache={tmp / 'nothing'}"], "not found"),
     "output mode": (lambda c, d, t, tmp: [f"teacher_cache={c}", "distill_type=output"], "distill_type=logit"),
+    "more windows": (lambda c, d, t, tmp: [f"teacher_cache={c}", "train_windows=5000"],
+                     "train_windows=5000 exceeds the 1124 windows"),
 }
 
 
@@ -309,6 +335,7 @@ def test_cache_teacher_refusals(data, teachers, topk_cache, tmp_path):
          "holds a cache of other settings (top_k: 8 (now 4))"),
         ([f"teacher={teachers[0]}", f"out={teachers[1]}"], "not a teacher cache"),
         ([f"teacher={teachers[0]}", "top_k=70", f"out={tmp_path / 'x'}"], "must be below the vocabulary"),
+        ([f"teacher={teachers[0]}", "windows=1125", f"out={tmp_path / 'x'}"], "windows=1125 exceeds the 1124"),
     ]
     before = {n: read(topk_cache, n) for n in os.listdir(topk_cache)}
     for args, message in cases:

@@ -102,6 +102,7 @@ BAD = [
     (["missing_config.py"], "config file not found"),
     (["dataset=/nonexistent/data"], "data folder not found"),
     (["block_size=100000"], "lower block_size"),
+    (["train_windows=100000"], "train_windows=100000 exceeds the"),
     (["gradient_accumulation_steps=3", "decay=sideways"], "decay='sideways'"),
 ]
 
