@@ -39,6 +39,7 @@ import checkpoint
 import engine
 from configurator import OUT_FILE, UserError, run
 from inputs import comma_list, timestamped
+import scoring
 import teacher_cache
 from losses import cached_kd_loss_fn, ce_loss_fn, default_chunk_rows, hard_loss, kd_loss_fn
 from model import GPT, GPTConfig
@@ -244,9 +245,9 @@ def bench_distill(cfg, rt, sync):
 
 
 def cache_rows(cfg, teacher, x, rt):
-    """teacher_cache.teacher_rows of one teacher: what cache_teacher.py computes for a block."""
-    return teacher_cache.teacher_rows([teacher.hidden_states], [teacher.head_weight], [0.0], x,
-                                      cfg["vocab_size"], cfg["top_k"], rt.autocast)
+    """scoring.teacher_rows of one teacher: what cache_teacher.py computes for a block."""
+    return scoring.teacher_rows([teacher.hidden_states], [teacher.head_weight], [0.0], x,
+                                cfg["vocab_size"], cfg["top_k"], rt.autocast)[:2]
 
 
 def bench_cached(cfg, rt, sync):

@@ -20,8 +20,9 @@ import torch
 from configurator import OUT_DIR, UserError, run
 from data import BinDataset
 from runtime import DTYPE_CHOICES, Runtime
+from scoring import teacher_rows
 from teacher_cache import DTYPES, Writer, blocks_done, blocks_of, create, finish, load_teachers, \
-    make_meta, plan, teacher_rows
+    make_meta, plan
 
 DEFAULTS = dict(
     teacher="",  # our out_dir / ckpt.pt, a HF GPT-2 folder or name; a,b[,wa,wb]: their mixture
@@ -78,7 +79,7 @@ def write(cfg, rt, data, teachers, weights, folder, meta):
         for b in todo:
             n = min(B, windows - b * B)
             x = torch.from_numpy(tokens[b * B * T:(b * B + n) * T].astype("int64")).view(n, T)
-            values, ids = teacher_rows(hidden, heads, log_weights, x.to(rt.device), meta["vocab_size"],
+            values, ids, _ = teacher_rows(hidden, heads, log_weights, x.to(rt.device), meta["vocab_size"],
                                        meta["top_k"], rt.autocast)
             writer.put(b, values, ids)
             bar.update(n * T)
