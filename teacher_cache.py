@@ -79,8 +79,19 @@ def load_teachers(spec, data):
                         "every teacher must share the data's tokenizer")
         models.append(model.eval().requires_grad_(False))
         hashes.append(model_sha256(model))
+    return models, weights, _identity(sources, weights, hashes)
+
+
+def _identity(sources, weights, hashes):
     combined = hashlib.sha256(json.dumps([hashes, weights]).encode()).hexdigest()
-    return models, weights, dict(sources=sources, weights=weights, sha256=hashes, id=combined)
+    return dict(sources=sources, weights=weights, sha256=hashes, id=combined)
+
+
+def remote_identity(api_base, model):
+    """The identity of a teacher behind an endpoint: its name there, all that can be known of it
+    (new weights served under the same name look the same; write such a cache again)."""
+    source = f"{model}@{api_base}"
+    return _identity([source], [1.0], [hashlib.sha256(source.encode()).hexdigest()])
 
 
 def file_sha256(path):
