@@ -24,6 +24,7 @@ samples row r of it with that seed + r, so a checkpoint served by serve.py write
 sample.py writes from the checkpoint itself.
 """
 import collections
+import contextlib
 import json
 import os
 import sys
@@ -151,10 +152,8 @@ def read_done(path, prompts):
     return done
 
 
-def local_answers(model, tok, prompts, done, cfg, rt):
-    """[(index, sample, response)] per batch of rows generated here."""
-    block = model.config.block_size
-    ids = [encode(tok, p, f"{cfg['prompts']} prompt {i}", block) for i, (p, _) in enumerate(prompts)]
+def local_answers(model, tok, ids, done, cfg, rt):
+    """[(index, sample, response)] per batch of rows generated here from the prompts' ids."""
     for rows in plan_batches(len(ids), cfg["num_samples"], cfg["batch_size"]):
         if any(r not in done for r in rows):
             yield [(i, s, text) for (i, s), text in zip(rows, complete(model, tok, ids, rows, cfg, rt))]
@@ -194,12 +193,14 @@ def write_responses(answers, prompts, done, cfg):
     out, n = cfg["out"], cfg["num_samples"]
     left = collections.Counter(i for i in range(len(prompts)) for s in range(n) if (i, s) not in done)
     print(f"{len(prompts)} prompts x {n} samples; {len(done)} already in {out}", file=sys.stderr)
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    t0, written = time.time(), 0
-    with open(out, "a", encoding="utf-8") as f, \
+    t0, written, f = time.time(), 0, None
+    with contextlib.ExitStack() as files, \
             tqdm(total=len(prompts), initial=len(prompts) - len(left), unit="prompt",
                  dynamic_ncols=True, file=sys.stderr) as bar:
         for rows in answers:
+            if f is None:  # opened at the first answer: a request refused at once leaves no file
+                os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+                f = files.enter_context(open(out, "a", encoding="utf-8"))
             for i, s, text in rows:
                 if (i, s) in done:
                     continue
@@ -274,7 +275,9 @@ def main(cfg):
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, context {model.config.block_size}, "
           f"{tok.name} tokenizer; {rt.device} {rt.dtype}", file=sys.stderr)
     if cfg["prompts"]:
-        write_responses(local_answers(model, tok, prompts, done, cfg, rt), prompts, done, cfg)
+        block = model.config.block_size
+        ids = [encode(tok, p, f"{cfg['prompts']} prompt {i}", block) for i, (p, _) in enumerate(prompts)]
+        write_responses(local_answers(model, tok, ids, done, cfg, rt), prompts, done, cfg)
     else:
         ids = [encode(tok, start, "start", model.config.block_size)]
         for rows in plan_batches(1, cfg["num_samples"], cfg["batch_size"]):
