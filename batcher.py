@@ -220,4 +220,4 @@ class Batcher:
         gens = [torch.Generator(self.rt.device).manual_seed(job.seeds[c.index]) for job, c in rows]
         with self.rt.autocast():
             engine.generate(self.model, [c.prompt.ids for _, c in rows], max_tokens, 1, temperature, top_k, top_p,
-                            generator=gens, logprobs=k, on_token=on_token)
+                            generator=gens, logprobs=k, on_token=on_token, stream_top=True)

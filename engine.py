@@ -109,18 +109,18 @@ def eval_mode(model):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, num_samples=1, temperature=1.0, top_k=0, top_p=1.0,
-             stop_tokens=(), generator=None, logprobs=0, on_token=None):
+             stop_tokens=(), generator=None, logprobs=0, on_token=None, stream_top=False):
     """Continue each prompt (a list of token ids, any length) num_samples times; returns one
     Completion per row, row = prompt_index * num_samples + sample, in row order.
 
     temperature 0 is greedy; top_k 0 and top_p 1 are off. generator: a torch.Generator, or a list of
     one per row (each row's draws then depend on its own generator only); None uses torch's global
     RNG. on_token(row, token_id, logprob) is called for every token as it is chosen, a row's stop
-    token included and nothing after it; with logprobs > 0 it is also handed the token's `logprobs`
-    most likely (id, logprob) pairs, on_token(row, token_id, logprob, top). When it returns True
-    the row ends with that token (finish_reason "stop"): a server stops a row at a stop string or
-    when its client has gone. A model in train mode is run in eval mode and returned to
-    its modes. Past the model's context the window slides: each further token sees the last
+    token included and nothing after it; with stream_top (and logprobs > 0) it is also handed the
+    token's `logprobs` most likely (id, logprob) pairs, on_token(row, token_id, logprob, top). When
+    it returns True the row ends with that token (finish_reason "stop"): a server ends a row at a
+    stop string or when its client has gone. A model in train mode is run in eval mode and returned
+    to its modes. Past the model's context the window slides: each further token sees the last
     block_size tokens, recomputed, as a model that was never given a cache would."""
     n_rows = len(prompts) * num_samples
     if not prompts or min(len(p) for p in prompts) == 0:
@@ -131,11 +131,11 @@ def generate(model, prompts, max_new_tokens, num_samples=1, temperature=1.0, top
         raise ValueError(f"{len(generator)} generators for {n_rows} rows")
     with eval_mode(model):
         return _generate(model, prompts, max_new_tokens, num_samples, temperature, top_k, top_p,
-                         stop_tokens, generator, logprobs, on_token)
+                         stop_tokens, generator, logprobs, on_token, stream_top)
 
 
 def _generate(model, prompts, max_new_tokens, num_samples, temperature, top_k, top_p, stop_tokens,
-              generator, n_top, on_token):
+              generator, n_top, on_token, stream_top):
     device = next(model.parameters()).device
     block_size, V = model.config.block_size, model.config.vocab_size
     L = max(len(p) for p in prompts)
@@ -174,7 +174,8 @@ def _generate(model, prompts, max_new_tokens, num_samples, temperature, top_k, t
             top[1][:, t], top[0][:, t] = logp.topk(n_top, dim=-1)
         seq[:, L + t] = tok
         steps = t + 1
-        if on_token is not None and _stream(on_token, tok, chosen_lp[:, t], top, t, done, ended):
+        if on_token is not None and _stream(on_token, tok, chosen_lp[:, t], top if stream_top else None, t, done,
+                                            ended):
             done |= torch.tensor([e is not None for e in ended], device=device)
         if stop is not None:
             done |= torch.isin(tok, stop)
@@ -195,7 +196,7 @@ def _stream(on_token, tok, lp, top, t, done, ended):
     alts = None if top is None else [list(zip(i, v)) for i, v in zip(top[0][:, t].tolist(), top[1][:, t].tolist())]
     asked = False
     for row, (k, p, live) in enumerate(zip(tok.tolist(), lp.tolist(), (~done).tolist())):
-        if live and on_token(row, k, p, *([] if alts is None else [alts[row]])):
+        if live and on_token(row, k, p, *([] if alts is None else [alts[row]])) is True:
             ended[row] = t + 1
             asked = True
     return asked

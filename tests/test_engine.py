@@ -114,7 +114,7 @@ def test_stop_tokens_cut_rows_and_streaming_sees_each_token_once():
     assert len(calls) == 1 and all(c.tokens == [] and c.finish_reason == "stop" for c in out)
 
 
-def test_on_token_hands_the_top_alternatives_and_can_end_rows():
+def test_on_token_gets_the_top_alternatives_when_asked_and_can_end_rows():
     m = tiny({})
     kw = dict(num_samples=2, temperature=1.0, logprobs=3)
     full = engine.generate(m, PROMPTS, 8, generator=per_row(4, range(8)), **kw)
@@ -123,12 +123,18 @@ def test_on_token_hands_the_top_alternatives_and_can_end_rows():
     def on_token(row, tok, lp, top):
         seen.setdefault(row, []).append((tok, lp, top))
         return row % 2 == 1 and len(seen[row]) == 3  # odd rows end at their third token
-    out = engine.generate(m, PROMPTS, 8, generator=per_row(4, range(8)), on_token=on_token, **kw)
+    out = engine.generate(m, PROMPTS, 8, generator=per_row(4, range(8)), on_token=on_token, stream_top=True, **kw)
     for row, (a, b) in enumerate(zip(full, out)):
         n = 3 if row % 2 else 8
         assert (b.tokens, b.finish_reason) == (a.tokens[:n], "stop" if row % 2 else "length")
         assert seen[row] == list(zip(b.tokens, b.logprobs, b.top_logprobs))
         assert b.top_logprobs == a.top_logprobs[:n]
+
+    # without stream_top the callback is as it always was; only True (not any truthy value) ends a row
+    seen = []
+    out = engine.generate(m, PROMPTS, 8, generator=per_row(4, range(8)), logprobs=3, num_samples=2,
+                          on_token=lambda row, tok, lp: seen.append(row) or [row])
+    assert [c.tokens for c in out] == [c.tokens for c in full] and len(seen) == 64
 
     calls = []
     forward = m.hidden_states
