@@ -33,7 +33,6 @@ SETTINGS = dict(
 SETTINGS_LIMITS = dict(max_tokens="[1, inf)", max_rows="[1, inf)", max_logprobs="[0, inf)",
                        batch_rows="[1, inf)", batch_wait_ms="[0, inf)")
 MAX_BODY = 32 << 20
-DISCONNECT_POLL_S = 0.5  # how often a request that does not stream checks that its client is there
 
 
 def served_model(model, tok, name, settings, chat=None, chat_stop_ids=()):
@@ -88,20 +87,31 @@ async def _stream(job, head, namer):
         job.cancel()  # the client went away mid-stream: its rows end at their next token
 
 
-async def _finished(job, request):
+async def _finished(job, receive):
     """Wait for a job that does not stream; False when its client went away first."""
-    while True:
-        try:
-            event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
+    gone = asyncio.ensure_future(_disconnect(receive))
+    try:
+        while True:
+            event = asyncio.ensure_future(job.events.get())
+            await asyncio.wait((event, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not event.done():
+                event.cancel()
                 job.cancel()
                 return False
-            continue
-        if event[0] == "error":
-            raise ApiError(500, event[1], kind="server_error")
-        if event[0] == "end":
-            return True
+            kind, *rest = event.result()
+            if kind == "error":
+                raise ApiError(500, rest[0], kind="server_error")
+            if kind == "end":
+                return True
+    finally:
+        gone.cancel()
+
+
+async def _disconnect(receive):
+    """Returns when the client closes its connection: once the body is read, the next message
+    the server hands the app is that one."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def make_app(served, batcher, api_key=None):
@@ -156,7 +166,7 @@ def make_app(served, batcher, api_key=None):
         if req.stream:
             return StreamingResponse(_stream(job, head, namer), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        if not await _finished(job, request):
+        if not await _finished(job, request.receive):
             return Response(status_code=499)  # nobody is listening
         return JSONResponse(response(req, job.choices, head, namer))
 
