@@ -102,12 +102,12 @@ class Endpoint:
         """(item, fn(item)) for items as their answers come, `concurrency` at a time. Submitting
         stops once the budget is spent or a request failed; the answers in flight are still handed
         back, then the failure is raised."""
-        items, running, failure = iter(items), {}, None
+        items, running, failure, end = iter(items), {}, None, object()
         with ThreadPoolExecutor(self.concurrency) as pool:
             def fill():
                 while failure is None and not self.spent and len(running) < self.concurrency:
-                    item = next(items, running)  # running doubles as the end marker: never an item
-                    if item is running:
+                    item = next(items, end)
+                    if item is end:
                         return
                     running[pool.submit(fn, item)] = item
             fill()

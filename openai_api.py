@@ -208,6 +208,10 @@ def _prompt(item, served, limit, where):
     return Prompt(ids, text)
 
 
+def _most_logprobs(served):
+    return min(served.max_logprobs, served.vocab_size)
+
+
 def _check_rows(n_prompts, n, served):
     if n_prompts * n > served.max_rows:
         raise bad("n" if n > 1 else "prompt", f"{n_prompts} prompt(s) x n={n} is {n_prompts * n} rows, more "
@@ -235,7 +239,7 @@ def parse_completion(body, served):
     if fields["max_tokens"] == 0 and not echo:
         raise bad("max_tokens", "0 asks for nothing: give at least 1 (0 only with echo=true)")
     logprobs = body.get("logprobs")
-    logprobs = None if logprobs is None else _integer(body, "logprobs", 0, 0, served.max_logprobs)
+    logprobs = None if logprobs is None else _integer(body, "logprobs", 0, 0, _most_logprobs(served))
     # scoring alone never feeds the last token: a full context plus one fits (engine.prompt_logprobs)
     limit = served.block_size + (fields["max_tokens"] == 0)
     items = _prompt_items(body)
@@ -285,7 +289,7 @@ def parse_chat(body, served):
     _check_rows(1, fields["n"], served)
     logprobs = None
     if _boolean(body, "logprobs", False):
-        logprobs = _integer(body, "top_logprobs", 0, 0, served.max_logprobs)
+        logprobs = _integer(body, "top_logprobs", 0, 0, _most_logprobs(served))
     elif body.get("top_logprobs") is not None:
         raise bad("top_logprobs", "needs logprobs=true")
     try:

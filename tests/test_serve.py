@@ -181,7 +181,7 @@ BAD = [  # (path, body, status, param, words the message must hold)
     (C, dict(model="tiny", prompt="O", max_tokens=0), 400, "max_tokens", "0 only with echo"),
     (C, dict(model="gpt-5", prompt="O"), 404, "model", "'gpt-5' does not exist; this server serves 'tiny'"),
     (C, dict(prompt="O"), 400, "model", "model: is required"),
-    (C, dict(model="tiny", prompt="O", logprobs=1000), 400, "logprobs", "between 0 and 64"),
+    (C, dict(model="tiny", prompt="O", logprobs=1000), 400, "logprobs", "between 0 and 61"),  # the vocabulary
     (C, dict(model="tiny", prompt="O", logprobs=True), 400, "logprobs", "must be an integer, not a boolean"),
     (C, dict(model="tiny", prompt="O", temperature=-1), 400, "temperature", "between 0 and 100"),
     (C, dict(model="tiny", prompt="O", top_p=0), 400, "top_p", "between"),
@@ -304,3 +304,41 @@ def test_a_client_that_hangs_up_stops_its_rows(server):
     assert 0 < after["tokens"] - state["tokens"] < 1000
     r = post(server, C, dict(model="tiny", prompt="O", max_tokens=3))
     assert r.status_code == 200 and health(server)["tokens"] - after["tokens"] == 3
+
+
+def test_chat_templates_of_hf_folders(tmp_path):
+    import chat
+    from tokenizers import Tokenizer, models
+
+    from configurator import UserError
+    from tokenizer import FileTokenizer, GPT2Tokenizer
+    gpt2 = GPT2Tokenizer()
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    assert chat.load(str(folder)) is None and chat.end_of_turn_ids(str(folder), gpt2) == {50256}
+    template = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tools') }}"
+                "{% endif %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}<assistant>")
+    config = dict(chat_template=[dict(name="tools", template="x"), dict(name="default", template=template)],
+                  bos_token=dict(content="<|endoftext|>"), eos_token="<|endoftext|>")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "generation_config.json").write_text(json.dumps(dict(eos_token_id=[50256, 198])))
+    t = chat.load(str(folder))
+    text = t.render([dict(role="user", content="Hi")])
+    assert text == "<|endoftext|><user>Hi<|endoftext|><assistant>"
+    assert gpt2.encode_special(text) == [50256, 27, 7220, 29, 17250, 50256, 27, 562, 10167, 29]
+    assert chat.end_of_turn_ids(str(folder), gpt2) == {50256, 198}
+    with pytest.raises(chat.TemplateRefused, match="no tools"):
+        t.render([dict(role="tool", content="x")])
+
+    # a template in chat_template.jinja, special tokens of a tokenizer.json read as such
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(eos_token="<|im_end|>")))
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}")
+    bpe = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate("<|>_aeimnd ")}, merges=[]))
+    bpe.add_special_tokens(["<|im_end|>"])
+    tok = FileTokenizer(bpe.to_str())
+    text = chat.load(str(folder)).render([dict(role="user", content="a")])
+    assert tok.encode_special(text) == [4, 11] and len(tok.encode(text)) == 11
+    assert chat.end_of_turn_ids(str(folder), tok) == {11}  # generation_config.json's 198 is no id here
+    (tmp_path / "broken.jinja").write_text("{% for %}")
+    with pytest.raises(UserError, match="broken.jinja: not a jinja2 template"):
+        chat.load(str(folder), str(tmp_path / "broken.jinja"))
