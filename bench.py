@@ -6,6 +6,7 @@ machine and side by side with transformers' GPT2LMHeadModel in the same run.
     python bench.py parts=generate gen_batch=32 gen_batch_tokens=256     # engine vs transformers generate
     python bench.py dtype=bfloat16 n_layer=12 n_head=12 n_embd=768 block_size=1024 batch_size=16
     python bench.py parts=cached,cache_write          # distilling from a teacher cache, writing one
+    python bench.py parts=serve serve_clients=32 serve_requests=20   # serve.py's app under concurrent clients
 
 Each figure is the median of up to `repeats` timed calls after `warmup` untimed ones, with min and
 max. Variants compared by a ratio are timed round-robin in one loop, so a change in machine load
@@ -28,6 +29,11 @@ Generation (greedy) runs engine.py and transformers' `generate` on the same weig
 model saved and loaded as users load HF GPT-2, vocab unpadded): batch 1 at each of gen_tokens new
 tokens, against the bound memory sets on decoding one token at a time (every weight read once per
 token: weight bytes / measured read bandwidth), and gen_batch rows x gen_batch_tokens new tokens.
+
+Serving: serve.py's app (HTTP, batcher, engine) in a thread of this process, serve_clients client
+threads each sending serve_requests seeded completions of serve_tokens new tokens one after the
+other: requests/s, new tokens/s and the latency percentiles of a request. Clients and server share
+this process's interpreter, so the figures are a lower bound of a server on its own.
 """
 import json
 import os
@@ -38,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -46,6 +53,7 @@ import checkpoint
 import engine
 from configurator import OUT_FILE, UserError, run
 from inputs import comma_list, timestamped
+import scoring
 import teacher_cache
 from losses import (cached_kd_loss_fn, ce_loss_fn, default_chunk_rows, hard_loss, kd_loss_fn,
                     teacher_logit_chunks)
@@ -75,7 +83,10 @@ DEFAULTS = dict(
     gen_batch=32,  # rows of the batched generation run ...
     gen_batch_tokens=256,  # ... and the new tokens of each of its rows
     prompt_len=16,  # prompt tokens before generation
-    parts="train,distill,generate,memory,cached,cache_write",  # comma-separated parts to run
+    serve_clients=32,  # concurrent clients of the serve part ...
+    serve_requests=20,  # ... the completions each sends, one after the other ...
+    serve_tokens=32,  # ... and the new tokens of each
+    parts="train,distill,generate,memory,cached,cache_write,serve",  # comma-separated parts to run
     hf=True,  # time transformers' GPT2LMHeadModel beside ours
     out="",  # the JSON results; empty: out/bench/<timestamp>.json
     seed=0,  # seed of the weights and the batches
@@ -86,9 +97,9 @@ LIMITS = dict(
     chunk_rows="[0, inf)", dtype=DTYPE_CHOICES, threads="[0, inf)", warmup="[0, inf)", repeats="[1, inf)",
     max_time="(0, inf)", gen_tokens="[1, inf)", gen_batch="[1, inf)", gen_batch_tokens="[1, inf)",
     prompt_len="[1, inf)", out=OUT_FILE, seed="[0, inf)", top_k="[0, inf)", cache_dtype=tuple(teacher_cache.DTYPES),
-    cache_blocks="[1, inf)",
+    cache_blocks="[1, inf)", serve_clients="[1, inf)", serve_requests="[1, inf)", serve_tokens="[1, inf)",
 )
-PARTS = ("train", "distill", "generate", "memory", "cached", "cache_write")
+PARTS = ("train", "distill", "generate", "memory", "cached", "cache_write", "serve")
 OPTIM = dict(learning_rate=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, layer_lr_decay=1.0)
 KD = dict(alpha=0.5, kind="forward_kl", temperature=2.0)  # distill.py's defaults
 FLOP_FORMULA = "training FLOPs/token = 6N + 12*L*C*T (N: parameters minus position embeddings)"
@@ -257,9 +268,9 @@ def bench_distill(cfg, rt, sync):
 
 
 def cache_rows(cfg, teacher, x, rt):
-    """teacher_cache.teacher_rows of one teacher: what cache_teacher.py computes for a block."""
-    return teacher_cache.teacher_rows([teacher.hidden_states], [teacher.head_weight], [0.0], x,
-                                      cfg["vocab_size"], cfg["top_k"], rt.autocast)
+    """scoring.teacher_rows of one teacher: what cache_teacher.py computes for a block."""
+    return scoring.teacher_rows([teacher.hidden_states], [teacher.head_weight], [0.0], x,
+                                cfg["vocab_size"], cfg["top_k"], rt.autocast)[:2]
 
 
 def bench_cached(cfg, rt, sync):
@@ -368,6 +379,49 @@ def bench_generate(cfg, rt, sync, hf_ok):
     return dict(block_size=block, prompt_len=cfg["prompt_len"], greedy=True, compiled=False,
                 weight_bytes=weight_bytes, bandwidth=bandwidth, bound_tokens_per_s=bound, decode=decode,
                 batch=dict(rows=cfg["gen_batch"], new_tokens=cfg["gen_batch_tokens"], **batch))
+
+
+def bench_serve(cfg, rt):
+    """Requests/s and latency of the app serve.py runs, under serve_clients concurrent clients."""
+    import httpx
+
+    from server import SETTINGS, InThread, build
+    from tokenizer import GPT2Tokenizer
+    torch.manual_seed(cfg["seed"])
+    model = GPT(student_config(cfg, max(cfg["block_size"], cfg["prompt_len"] + cfg["serve_tokens"])))
+    model = model.to(rt.device).eval()
+    # GPT-2's tokenizer decodes whatever ids below 50257 the model writes; any vocab_size runs
+    served = InThread(build(model, GPT2Tokenizer(), rt, "bench", SETTINGS))
+    g = torch.Generator().manual_seed(cfg["seed"])
+    prompts = torch.randint(0, cfg["vocab_size"], (cfg["serve_clients"], cfg["prompt_len"]), generator=g).tolist()
+    latencies, failed = [], []
+
+    def client(k):
+        with httpx.Client(base_url=served.url, timeout=600) as c:
+            for j in range(cfg["serve_requests"]):
+                t = time.perf_counter()
+                r = c.post("/completions", json=dict(model="bench", prompt=prompts[k], max_tokens=cfg["serve_tokens"],
+                                                     temperature=1.0, seed=k * cfg["serve_requests"] + j))
+                latencies.append(time.perf_counter() - t)
+                if r.status_code != 200 or r.json()["usage"]["completion_tokens"] != cfg["serve_tokens"]:
+                    failed.append(r.text[:200])
+    try:
+        httpx.post(served.url + "/completions", json=dict(model="bench", prompt=prompts[0], max_tokens=2))  # warm
+        clients = [threading.Thread(target=client, args=(k,)) for k in range(cfg["serve_clients"])]
+        t0 = time.perf_counter()
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join()
+        wall = time.perf_counter() - t0
+    finally:
+        served.close()
+    n = len(latencies)
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive") if n > 1 else latencies * 99
+    return dict(clients=cfg["serve_clients"], requests=n, new_tokens=cfg["serve_tokens"], prompt_len=cfg["prompt_len"],
+                batch_rows=SETTINGS["batch_rows"], failed=len(failed), wall_s=wall, requests_per_s=n / wall,
+                tokens_per_s=n * cfg["serve_tokens"] / wall,
+                latency_s=dict(p50=statistics.median(latencies), p99=cuts[98], max=max(latencies)))
 
 
 def decode_bytes(model):
@@ -551,6 +605,13 @@ def report(res):
                      f"weights per token / {r['bandwidth'] / 1e9:,.1f} GB/s measured (sum of a tensor that size)")
         b = r["batch"]
         lines += _gen_rows(f"batch {b['rows']} x {b['new_tokens']} new", b)
+    if "serve" in res:
+        r = res["serve"]
+        lines += ["", f"serving: {r['clients']} clients x {r['requests'] // r['clients']} completions of "
+                      f"{r['new_tokens']} new tokens (prompt {r['prompt_len']}, batch_rows {r['batch_rows']})",
+                  f"  {r['requests_per_s']:,.1f} requests/s, {r['tokens_per_s']:,.0f} new tokens/s; latency p50 "
+                  f"{r['latency_s']['p50']:.3f} s, p99 {r['latency_s']['p99']:.3f} s, max {r['latency_s']['max']:.3f} s; "
+                  f"{r['failed']} failed"]
     return "\n".join(lines)
 
 
@@ -600,6 +661,8 @@ def main(cfg):
             res["cached"] = bench_cached(cfg, rt, sync)
         elif part == "cache_write":
             res["cache_write"] = bench_cache_write(cfg, rt, sync)
+        elif part == "serve":
+            res["serve"] = bench_serve(cfg, rt)
         else:
             res["memory"] = bench_memory(cfg, rt)
     res["env"]["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]

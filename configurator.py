@@ -276,7 +276,7 @@ def _comments(source):
 def key_docs(path, name="DEFAULTS"):
     """{key: doc} of the `name = dict(...)` in the file at `path`: each key's doc is the comment
     at the end of the line its value ends on. A dict imported from a module (`from trainer import
-    DEFAULTS`), or extended by this one (`dict(BASE, ...)`), lends its keys' docs."""
+    DEFAULTS`), or extended by this one (`dict(BASE, ...)`, `dict(..., **BASE)`), lends its keys' docs."""
     with open(path, encoding="utf-8") as f:
         source = f.read()
     tree, comments = ast.parse(source), _comments(source)
@@ -296,7 +296,11 @@ def key_docs(path, name="DEFAULTS"):
             if isinstance(base, ast.Name) and base.id in imported:
                 docs.update(docs_of(base.id))
         for kw in node.value.keywords:
-            docs[kw.arg] = comments.get(kw.value.end_lineno, "")
+            if kw.arg is None:
+                if isinstance(kw.value, ast.Name) and kw.value.id in imported:
+                    docs.update(docs_of(kw.value.id))
+            else:
+                docs[kw.arg] = comments.get(kw.value.end_lineno, "")
     return docs
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from scoring import teacher_rows
+
 
 @dataclass
 class Completion:
@@ -107,15 +109,18 @@ def eval_mode(model):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, num_samples=1, temperature=1.0, top_k=0, top_p=1.0,
-             stop_tokens=(), generator=None, logprobs=0, on_token=None):
+             stop_tokens=(), generator=None, logprobs=0, on_token=None, stream_top=False):
     """Continue each prompt (a list of token ids, any length) num_samples times; returns one
     Completion per row, row = prompt_index * num_samples + sample, in row order.
 
     temperature 0 is greedy; top_k 0 and top_p 1 are off. generator: a torch.Generator, or a list of
     one per row (each row's draws then depend on its own generator only); None uses torch's global
     RNG. on_token(row, token_id, logprob) is called for every token as it is chosen, a row's stop
-    token included and nothing after it. A model in train mode is run in eval mode and returned to
-    its modes. Past the model's context the window slides: each further token sees the last
+    token included and nothing after it; with stream_top (and logprobs > 0) it is also handed the
+    token's `logprobs` most likely (id, logprob) pairs, on_token(row, token_id, logprob, top). When
+    it returns True the row ends with that token (finish_reason "stop"): a server ends a row at a
+    stop string or when its client has gone. A model in train mode is run in eval mode and returned
+    to its modes. Past the model's context the window slides: each further token sees the last
     block_size tokens, recomputed, as a model that was never given a cache would."""
     n_rows = len(prompts) * num_samples
     if not prompts or min(len(p) for p in prompts) == 0:
@@ -126,11 +131,11 @@ def generate(model, prompts, max_new_tokens, num_samples=1, temperature=1.0, top
         raise ValueError(f"{len(generator)} generators for {n_rows} rows")
     with eval_mode(model):
         return _generate(model, prompts, max_new_tokens, num_samples, temperature, top_k, top_p,
-                         stop_tokens, generator, logprobs, on_token)
+                         stop_tokens, generator, logprobs, on_token, stream_top)
 
 
 def _generate(model, prompts, max_new_tokens, num_samples, temperature, top_k, top_p, stop_tokens,
-              generator, n_top, on_token):
+              generator, n_top, on_token, stream_top):
     device = next(model.parameters()).device
     block_size, V = model.config.block_size, model.config.vocab_size
     L = max(len(p) for p in prompts)
@@ -155,6 +160,7 @@ def _generate(model, prompts, max_new_tokens, num_samples, temperature, top_k, t
            torch.empty(B, max_new_tokens, n_top, device=device)) if n_top else None
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device) if stop_tokens else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    ended = [None] * B  # per row, the step count at which on_token ended it
     decoded = torch.ones(B, 1, dtype=torch.bool, device=device)  # a decoded token is never padding
     steps = 0
     for t in range(max_new_tokens):
@@ -168,14 +174,13 @@ def _generate(model, prompts, max_new_tokens, num_samples, temperature, top_k, t
             top[1][:, t], top[0][:, t] = logp.topk(n_top, dim=-1)
         seq[:, L + t] = tok
         steps = t + 1
-        if on_token is not None:
-            for row, (k, lp, live) in enumerate(zip(tok.tolist(), chosen_lp[:, t].tolist(), (~done).tolist())):
-                if live:
-                    on_token(row, k, lp)
+        if on_token is not None and _stream(on_token, tok, chosen_lp[:, t], top if stream_top else None, t, done,
+                                            ended):
+            done |= torch.tensor([e is not None for e in ended], device=device)
         if stop is not None:
             done |= torch.isin(tok, stop)
-            if done.all():
-                break
+        if done.all():
+            break
         if steps == max_new_tokens:
             break
         if cache.pos == cache.max_T:  # the window is full: slide it by recomputing
@@ -183,7 +188,18 @@ def _generate(model, prompts, max_new_tokens, num_samples, temperature, top_k, t
         else:
             h = cache.forward(model, tok[:, None], next_pos[:, None], decoded)
             next_pos += 1
-    return _completions(seq[:, L:L + steps], chosen_lp[:, :steps], top, steps, num_samples, stop_tokens)
+    return _completions(seq[:, L:L + steps], chosen_lp[:, :steps], top, steps, num_samples, stop_tokens, ended)
+
+
+def _stream(on_token, tok, lp, top, t, done, ended):
+    """Hand step t's token of every live row to on_token; whether any row asked to end."""
+    alts = None if top is None else [list(zip(i, v)) for i, v in zip(top[0][:, t].tolist(), top[1][:, t].tolist())]
+    asked = False
+    for row, (k, p, live) in enumerate(zip(tok.tolist(), lp.tolist(), (~done).tolist())):
+        if live and on_token(row, k, p, *([] if alts is None else [alts[row]])) is True:
+            ended[row] = t + 1
+            asked = True
+    return asked
 
 
 def _prefill(model, cache, seq, valid, end):
@@ -241,12 +257,12 @@ def _nucleus_candidates(logits, lse, top_p, k=256):
         k *= 8
 
 
-def _completions(tokens, logprobs, top, steps, num_samples, stop_tokens):
+def _completions(tokens, logprobs, top, steps, num_samples, stop_tokens, ended):
     stop = set(stop_tokens)
     top_ids, top_vals = (t[:, :steps].tolist() for t in top) if top is not None else (None, None)
     out = []
     for row, (toks, lps) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
-        n = next((k for k, tok in enumerate(toks) if tok in stop), None)
+        n = next((k for k, tok in enumerate(toks[:ended[row]]) if tok in stop), ended[row])
         reason = "length" if n is None else "stop"
         n = len(toks) if n is None else n
         alts = None if top is None else [list(zip(i, v)) for i, v in zip(top_ids[row][:n], top_vals[row][:n])]
@@ -255,24 +271,24 @@ def _completions(tokens, logprobs, top, steps, num_samples, stop_tokens):
 
 
 @torch.no_grad()
-def prompt_logprobs(model, ids, k=0, chunk=256):
+def prompt_logprobs(model, ids, k=0):
     """(logprobs, top_logprobs) of a prompt: the log-probability of every token after the first
     given those before it, and when k > 0 the k most likely (id, logprob) pairs at each of those
-    positions (else None). Logits are formed `chunk` positions at a time: a whole 1024-token prompt's
-    float32 log-probs over 50257 tokens would be 200 MB."""
+    positions (else None). Scored as cache_teacher.py scores a window (scoring.teacher_rows on one
+    row: the prompt without its last token, whose own state predicts nothing here), so a prompt
+    scored by a server equals a cache written locally, and block_size + 1 tokens can be scored."""
     block_size, V = model.config.block_size, model.config.vocab_size
-    if not 0 < len(ids) <= block_size:
-        raise ValueError(f"a prompt of {len(ids)} tokens: between 1 and block_size={block_size} can be scored")
+    if not 0 < len(ids) <= block_size + 1:
+        raise ValueError(f"a prompt of {len(ids)} tokens: between 1 and block_size + 1 = {block_size + 1} "
+                         f"can be scored")
+    if len(ids) == 1:
+        return [], ([] if k else None)
     device = next(model.parameters()).device
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    idx = torch.tensor(ids, dtype=torch.long, device=device)
     with eval_mode(model):
-        h = model.hidden_states(idx)[0, :-1]
-    chosen, top_ids, top_vals = [], [], []
-    for s in range(0, h.size(0), chunk):
-        lp = model.logits(h[s:s + chunk])[:, :V].float().log_softmax(-1)
-        chosen += lp.gather(1, idx[0, s + 1:s + 1 + chunk, None])[:, 0].tolist()
-        if k:
-            vals, top = lp.topk(k, dim=-1)
-            top_ids += top.tolist()
-            top_vals += vals.tolist()
-    return chosen, ([list(zip(i, v)) for i, v in zip(top_ids, top_vals)] if k else None)
+        # the autocast in force is the caller's: pass it through unchanged
+        values, top, chosen = teacher_rows([model.hidden_states], [model.head_weight], [0.0], idx[None, :-1], V,
+                                           max(k, 1), contextlib.nullcontext, targets=idx[1:])
+    if not k:
+        return chosen.tolist(), None
+    return chosen.tolist(), [list(zip(i, v)) for i, v in zip(top.tolist(), values[:, :k].tolist())]

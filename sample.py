@@ -3,6 +3,7 @@
     python sample.py source=out/shakespeare_char start="ROMEO:" num_samples=3
     python sample.py source=gpt2-large start=FILE:prompt.txt temperature=0
     python sample.py source=out/teacher prompts=prompts.jsonl out=data/teacher.jsonl num_samples=4
+    python sample.py api_base=http://localhost:8000/v1 model=teacher prompts=prompts.jsonl out=data/teacher.jsonl
 
 With prompts= (a .txt of one prompt per line, or a .jsonl of {"prompt": ..., other fields}) every
 prompt gets num_samples responses, written as JSONL records {"prompt", "response", other fields,
@@ -14,8 +15,16 @@ Prompts of any lengths share a batch (engine.py). Each row (prompt, sample) draw
 numbers from its own generator, seeded by (seed, prompt index, sample): its text does not depend on
 batch_size or on the rows beside it, up to the rounding of batched matmuls, which can change a
 draw that falls within about 1e-6 of a token boundary.
+
+With api_base= the teacher answers from an OpenAI-compatible endpoint instead (api_client.py):
+one request per prompt for its samples, `concurrency` in flight, written as they come and put in
+(index, sample) order once all are in, so the finished file is the same whatever the order of the
+answers, kills and reruns. Each request carries seed=row_seed(seed, index, first sample): serve.py
+samples row r of it with that seed + r, so a checkpoint served by serve.py writes the file
+sample.py writes from the checkpoint itself.
 """
 import collections
+import contextlib
 import json
 import os
 import sys
@@ -25,10 +34,11 @@ import torch
 
 import checkpoint
 import engine
+from api_client import API_DEFAULTS, API_LIMITS, Endpoint
 from configurator import OUT_FILE, UserError, run
 from inputs import check_file, field, read_jsonl, read_text_file
 from runtime import DTYPE_CHOICES, Runtime
-from tokenizer import tokenizer_from_meta
+from tokenizer import prompt_ids, tokenizer_from_meta
 
 DEFAULTS = dict(
     source="out/run",  # our out_dir or .pt, a HF GPT-2 folder, or a GPT-2 name
@@ -42,6 +52,7 @@ DEFAULTS = dict(
     top_p=1.0,  # sample within the smallest set of tokens holding this probability; 1: off
     batch_size=16,  # rows per generate call (prompts x samples)
     seed=1337,  # seed of the sampling
+    **API_DEFAULTS,
     device="auto",  # auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps
     dtype="auto",  # autocast dtype; auto: bfloat16 or float16 on GPUs, float32 on CPU
     compile=False,  # torch.compile the model
@@ -49,7 +60,7 @@ DEFAULTS = dict(
 LIMITS = dict(
     out=OUT_FILE, num_samples="[1, inf)", max_new_tokens="[1, inf)", temperature="[0, inf)",
     top_k="[0, inf)", top_p="(0, 1]", batch_size="[1, inf)",
-    dtype=DTYPE_CHOICES,
+    dtype=DTYPE_CHOICES, **API_LIMITS,
 )
 RESERVED = ("prompt", "response", "index", "sample")
 DASHES = "-" * 40
@@ -73,16 +84,14 @@ def _prompt(record):
 
 
 def encode(tok, text, where, block_size):
-    ids = tok.encode(text)
+    ids = prompt_ids(tok, text)
     if len(ids) > block_size:
         raise UserError(f"{where} is {len(ids)} tokens, more than the model's context of {block_size}; "
                         f"shorten it")
-    if ids:
-        return ids
-    if tok.eot is None:
+    if not ids:
         raise UserError(f"{where}: the prompt is empty and the {tok.name} tokenizer has no "
                         f"end-of-text token to start from; give at least one character")
-    return [tok.eot]  # GPT-2 was trained with <|endoftext|> between documents: a fresh start
+    return ids
 
 
 def plan_batches(n_prompts, num_samples, batch_size):
@@ -143,45 +152,98 @@ def read_done(path, prompts):
     return done
 
 
-def write_responses(model, tok, prompts, done, cfg, rt):
+def local_answers(model, tok, ids, done, cfg, rt):
+    """[(index, sample, response)] per batch of rows generated here from the prompts' ids."""
+    for rows in plan_batches(len(ids), cfg["num_samples"], cfg["batch_size"]):
+        if any(r not in done for r in rows):
+            yield [(i, s, text) for (i, s), text in zip(rows, complete(model, tok, ids, rows, cfg, rt))]
+
+
+def api_answers(endpoint, prompts, done, cfg):
+    """[(index, sample, response)] per answer of the endpoint, as they come: one request per prompt,
+    for its samples from the first one missing on."""
+    n = cfg["num_samples"]
+    todo = [(i, next(s for s in range(n) if (i, s) not in done)) for i in range(len(prompts))
+            if any((i, s) not in done for s in range(n))]
+    for (i, first), texts in endpoint.map(asker(endpoint, prompts, cfg), todo):
+        yield [(i, first + r, text) for r, text in enumerate(texts)]
+
+
+def asker(endpoint, prompts, cfg):
+    """(index, first sample) -> the texts of samples first .. num_samples-1 of that prompt."""
+    extra = {"top_k": cfg["top_k"]} if cfg["top_k"] else None  # not OpenAI's own: sent only when used
+
+    def ask(item):
+        i, first = item
+        want = cfg["num_samples"] - first
+        answer = endpoint.complete(prompt=prompts[i][0], n=want, max_tokens=cfg["max_new_tokens"],
+                                   temperature=cfg["temperature"], top_p=cfg["top_p"],
+                                   seed=row_seed(cfg["seed"], i, first), extra_body=extra)
+        if len(answer.choices) != want:
+            raise UserError(f"{endpoint.base} answered {len(answer.choices)} choices to n={want}")
+        return [c.text for c in sorted(answer.choices, key=lambda c: c.index)]
+    return ask
+
+
+def write_responses(answers, prompts, done, cfg):
+    """Append the answers' records to out= (fsynced per answer), then, once every record is in,
+    put them in (index, sample) order."""
     from tqdm import tqdm
 
-    block = model.config.block_size
-    ids = [encode(tok, p, f"{cfg['prompts']} prompt {i}", block) for i, (p, _) in enumerate(prompts)]
-    batches = plan_batches(len(ids), cfg["num_samples"], cfg["batch_size"])
-    out = cfg["out"]
-    left = collections.Counter(i for rows in batches for i, s in rows if (i, s) not in done)
-    print(f"{len(prompts)} prompts x {cfg['num_samples']} samples in {len(batches)} batches; "
-          f"{len(done)} already in {out}", file=sys.stderr)
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    t0, written = time.time(), 0
-    with open(out, "a", encoding="utf-8") as f, \
+    out, n = cfg["out"], cfg["num_samples"]
+    left = collections.Counter(i for i in range(len(prompts)) for s in range(n) if (i, s) not in done)
+    print(f"{len(prompts)} prompts x {n} samples; {len(done)} already in {out}", file=sys.stderr)
+    t0, written, f = time.time(), 0, None
+    with contextlib.ExitStack() as files, \
             tqdm(total=len(prompts), initial=len(prompts) - len(left), unit="prompt",
                  dynamic_ncols=True, file=sys.stderr) as bar:
-        for rows in batches:
-            todo = [(k, r) for k, r in enumerate(rows) if r not in done]
-            if not todo:
-                continue
-            texts = complete(model, tok, ids, rows, cfg, rt)
-            for k, (i, s) in todo:
+        for rows in answers:
+            if f is None:  # opened at the first answer: a request refused at once leaves no file
+                os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+                f = files.enter_context(open(out, "a", encoding="utf-8"))
+            for i, s, text in rows:
+                if (i, s) in done:
+                    continue
                 prompt, extra = prompts[i]
-                rec = dict(prompt=prompt, response=texts[k], **extra, index=i, sample=s)
+                rec = dict(prompt=prompt, response=text, **extra, index=i, sample=s)
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                done.add((i, s))
+                written += 1
                 left[i] -= 1
                 if left[i] == 0:
                     bar.update()
             f.flush()
             os.fsync(f.fileno())  # what is on disk survives a kill: a rerun skips it
-            written += len(todo)
     print(f"wrote {written} records to {out} in {time.time() - t0:.1f}s", file=sys.stderr)
+    missing = len(prompts) * n - len(done)
+    if missing:
+        print(f"max_requests={cfg['max_requests']} spent: {missing} records to go; rerun the same command "
+              f"to continue", file=sys.stderr)
+    else:
+        sort_records(out)
 
 
-def print_samples(model, tok, start, cfg, rt):
-    ids = [encode(tok, start, "start", model.config.block_size)]
-    for rows in plan_batches(1, cfg["num_samples"], cfg["batch_size"]):
-        for text in complete(model, tok, ids, rows, cfg, rt):
-            print(start + text)
-            print(DASHES, flush=True)
+def sort_records(path):
+    """Rewrite `path` in (index, sample) order, as a local run writes it, unless it already is:
+    answers from an endpoint come in any order."""
+    with open(path, "rb") as f:
+        lines = f.readlines()
+    keys = [(r["index"], r["sample"]) for r in map(json.loads, lines)]
+    if keys == sorted(keys):
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.writelines(line for _, line in sorted(zip(keys, lines)))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    checkpoint.fsync_dir(os.path.dirname(path) or ".")
+
+
+def print_samples(texts, start):
+    for text in texts:
+        print(start + text)
+        print(DASHES, flush=True)
 
 
 def main(cfg):
@@ -194,6 +256,14 @@ def main(cfg):
     start = cfg["start"]
     if start.startswith("FILE:"):
         start = read_text_file(start[len("FILE:"):], "start=FILE:")
+    if cfg["api_base"]:
+        endpoint = Endpoint(cfg)
+        print(f"teacher: {cfg['model']} at {cfg['api_base']}", file=sys.stderr)
+        if cfg["prompts"]:
+            write_responses(api_answers(endpoint, prompts, done, cfg), prompts, done, cfg)
+        else:
+            print_samples(asker(endpoint, [(start, {})], cfg)((0, 0)), start)
+        return
     rt = Runtime(cfg)
     model, tok_info, _ = checkpoint.load_model(cfg["source"], rt.device)
     model.eval()
@@ -205,9 +275,13 @@ def main(cfg):
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, context {model.config.block_size}, "
           f"{tok.name} tokenizer; {rt.device} {rt.dtype}", file=sys.stderr)
     if cfg["prompts"]:
-        write_responses(model, tok, prompts, done, cfg, rt)
+        block = model.config.block_size
+        ids = [encode(tok, p, f"{cfg['prompts']} prompt {i}", block) for i, (p, _) in enumerate(prompts)]
+        write_responses(local_answers(model, tok, ids, done, cfg, rt), prompts, done, cfg)
     else:
-        print_samples(model, tok, start, cfg, rt)
+        ids = [encode(tok, start, "start", model.config.block_size)]
+        for rows in plan_batches(1, cfg["num_samples"], cfg["batch_size"]):
+            print_samples(complete(model, tok, ids, rows, cfg, rt), start)
 
 
 if __name__ == "__main__":

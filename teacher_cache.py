@@ -24,13 +24,11 @@ import threading
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import checkpoint
 from configurator import UserError
 from data import BinDataset, draw
 from inputs import comma_list
-from losses import TEACHER_BLOCK, default_chunk_rows
 from tokenizer import check_same
 
 FORMAT = 1
@@ -82,8 +80,19 @@ def load_teachers(spec, data):
                         "every teacher must share the data's tokenizer")
         models.append(model.eval().requires_grad_(False))
         hashes.append(model_sha256(model))
+    return models, weights, _identity(sources, weights, hashes)
+
+
+def _identity(sources, weights, hashes):
     combined = hashlib.sha256(json.dumps([hashes, weights]).encode()).hexdigest()
-    return models, weights, dict(sources=sources, weights=weights, sha256=hashes, id=combined)
+    return dict(sources=sources, weights=weights, sha256=hashes, id=combined)
+
+
+def remote_identity(api_base, model):
+    """The identity of a teacher behind an endpoint: its name there, all that can be known of it
+    (new weights served under the same name look the same; write such a cache again)."""
+    source = f"{model}@{api_base}"
+    return _identity([source], [1.0], [hashlib.sha256(source.encode()).hexdigest()])
 
 
 def file_sha256(path):
@@ -222,59 +231,7 @@ def finish(folder, meta):
     checkpoint.fsync_dir(folder)
 
 
-# ---------------------------------------------------------------- computing and writing blocks
-
-
-def _scores(states, heads, log_weights, rows, V, autocast):
-    """(n, V) float32 scores whose softmax is the teachers' mixture on these rows: one teacher's
-    logits as they are (the log-softmax is left to the caller's one normalising pass), several
-    teachers' log(w_j p_j) summed in probability space."""
-    if len(heads) == 1:
-        with autocast():
-            return F.linear(states[0][rows], heads[0][:V]).float()
-    mixture = None
-    for h, head, lw in zip(states, heads, log_weights):
-        with autocast():
-            logits = F.linear(h[rows], head[:V])
-        lp = F.log_softmax(logits.float(), dim=-1).add_(lw)
-        mixture = lp if mixture is None else torch.logaddexp(mixture, lp, out=mixture)
-    return mixture
-
-
-def _top_k_columns(z, top_k):
-    """(n, top_k + 1) log-probabilities of the top-k and of the rest, and the (n, top_k) ids, from
-    (n, V) scores (overwritten). The rest's log-mass comes from its own terms (log(1 - sum(top))
-    cancels when the top-k holds nearly all of it); max, exp and sum in place, not logsumexp,
-    which on CPU took 3x as long and allocates a temporary the size of z."""
-    top, idx = z.topk(top_k, dim=-1, sorted=True)
-    z.scatter_(1, idx, float("-inf"))
-    peak = z.amax(-1, keepdim=True)
-    rest = z.sub_(peak).exp_().sum(-1, keepdim=True).log_().add_(peak)
-    norm = torch.logaddexp(rest, top.logsumexp(-1, keepdim=True))
-    return torch.cat([top, rest], 1).sub_(norm), idx.int()
-
-
-@torch.no_grad()
-def teacher_rows(hidden, heads, log_weights, x, V, top_k, autocast):
-    """The cached columns of every position of x (B, T), on x's device, rows in window-major order:
-    (values (B*T, cols) float32, ids (B*T, top_k) int32 or None). values are the T=1
-    log-probabilities of the teachers' mixture sum_j w_j p_j (one teacher: its own), top-k taken
-    on the device. Logits are formed TEACHER_BLOCK loss chunks at a time, as in losses.py; on CPU
-    each chunk is then reduced while it is still in cache (on CUDA the launches would cost more)."""
-    with autocast():
-        states = [h(x).reshape(-1, head.size(1)) for h, head in zip(hidden, heads)]
-    chunk = default_chunk_rows(V)
-    values, ids = [], []
-    for i in range(0, states[0].size(0), chunk * TEACHER_BLOCK):
-        scores = _scores(states, heads, log_weights, slice(i, i + chunk * TEACHER_BLOCK), V, autocast)
-        for z in (scores,) if scores.is_cuda else scores.split(chunk):
-            if top_k == 0:
-                values.append(F.log_softmax(z, dim=-1))
-                continue
-            v, idx = _top_k_columns(z, top_k)
-            values.append(v)
-            ids.append(idx)
-    return torch.cat(values), (torch.cat(ids) if ids else None)
+# ---------------------------------------------------------------- writing blocks
 
 
 def _pwrite_all(fd, buf, offset):

@@ -84,6 +84,10 @@ class GPT2Tokenizer:
     def encode_batch(self, texts):
         return self.enc.encode_ordinary_batch(texts)
 
+    def encode_special(self, text):
+        """Ids of text written with special tokens spelt out (a chat template's output)."""
+        return self.enc.encode(text, allowed_special="all")
+
     def decode(self, ids):
         return self.enc.decode([int(i) for i in ids if int(i) < self.vocab_size])
 
@@ -108,6 +112,8 @@ class CharTokenizer:
     def encode_batch(self, texts):
         return [self.encode(t) for t in texts]
 
+    encode_special = encode  # a char table has no special tokens
+
     def decode(self, ids):
         return "".join(self.chars[int(i)] for i in ids if int(i) < self.vocab_size)
 
@@ -130,6 +136,7 @@ class FileTokenizer:
         # text that spells <|endoftext|> stays text (tiktoken's encode_ordinary): only the dataset
         # writer puts the real token between documents. tokenizer.json does not store this switch.
         self.tok.encode_special_tokens = True
+        self.text = text
         self.vocab_size = max(self.tok.get_vocab(with_added_tokens=True).values()) + 1
         self.eot = next((i for t in EOT_NAMES if (i := self.tok.token_to_id(t)) is not None), None)
         self.meta = dict(tokenizer=self.name, vocab_size=self.vocab_size, vocab_sha256=vocab_sha256(text),
@@ -142,8 +149,27 @@ class FileTokenizer:
     def encode_batch(self, texts):
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_special(self, text):
+        """Ids of text written with special tokens spelt out (a chat template's output)."""
+        return self._special_reader.encode(text, add_special_tokens=False).ids
+
+    @functools.cached_property
+    def _special_reader(self):
+        # a second tokenizer, built only when asked: the switch is state of the tokenizer itself
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_str(self.text)
+        tok.no_truncation()
+        tok.no_padding()
+        return tok
+
     def decode(self, ids):
         return self.tok.decode([int(i) for i in ids if int(i) < self.vocab_size], skip_special_tokens=False)
+
+
+def prompt_ids(tok, text):
+    """The ids of a prompt to continue; an empty one starts from end-of-text, as GPT-2 was trained
+    between documents (empty when the tokenizer has none)."""
+    return tok.encode(text) or ([] if tok.eot is None else [tok.eot])
 
 
 # the fields of a tokenizer record in meta.json; a checkpoint's record may add "tokenizer_json"

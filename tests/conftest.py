@@ -1,17 +1,35 @@
-"""Shared fixtures: a small real char-level dataset on disk, and running the CLI scripts."""
+"""Shared fixtures: a small real char-level dataset on disk, a tiny checkpoint, and running the CLI
+scripts (serve.py among them)."""
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
+import checkpoint
+from model import GPT, GPTConfig
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # workers already run in parallel, one per core
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def save_model(folder, vocab_size, tokenizer, seed=0, block_size=32):
+    """A tiny random GPT-2 checkpoint in `folder`, as train.py would leave it."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size))
+    checkpoint.save(dict(model=model.state_dict(), model_args=model.config.to_dict(), config={}, step=0,
+                         best_val_loss=float("inf"), tokenizer=tokenizer), str(folder), step=0, keep_last=1)
+    return model.eval()
 
 
 def make_char_dataset(folder, text, val_fraction=0.1):
@@ -58,3 +76,30 @@ def read_metrics(out_dir):
 
 def step_losses(out_dir):
     return {r["step"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r and not r.get("skipped")}
+
+
+class ServeProcess:
+    """serve.py started as a user starts it, on a free port; `url` is its /v1 base once it listens."""
+
+    def __init__(self, log, *args, env=None, timeout=120):
+        self.log = log
+        with open(log, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "port=0", *map(str, args)],
+                                         cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
+                                         stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        deadline = time.time() + timeout
+        while (found := re.search(r" at (http://\S+/v1)", self.output())) is None:
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.close()
+                raise AssertionError(f"serve.py did not start:\n{self.output()[-3000:]}")
+            time.sleep(0.1)
+        self.url = found[1]
+
+    def output(self):
+        with open(self.log) as f:
+            return f.read()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)

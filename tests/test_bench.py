@@ -7,7 +7,7 @@ from conftest import run_script
 TINY_BENCH = ["n_layer=2", "n_head=2", "n_embd=64", "block_size=32", "batch_size=2",
               "teacher_n_layer=2", "teacher_n_head=2", "teacher_n_embd=64", "chunk_rows=16",
               "warmup=1", "repeats=1", "gen_tokens=8,", "gen_batch=3", "gen_batch_tokens=5", "prompt_len=4",
-              "device=cpu", "dtype=float32"]
+              "serve_clients=3", "serve_requests=2", "serve_tokens=4", "device=cpu", "dtype=float32"]
 
 
 def positive(d, *path):
@@ -48,6 +48,11 @@ def test_bench_tiny_writes_every_section(tmp_path):
     assert "ours / transformers" in p.stdout and "chunked / CE" in p.stdout
     assert "cached distill / CE step" in p.stdout and "cache writing / bare forward" in p.stdout
     assert "batch 3 x 5 new: engine / transformers" in p.stdout and "% of the bound" in p.stdout
+    for key in ("requests_per_s", "tokens_per_s", "wall_s"):
+        positive(res, "serve", key)
+    positive(res, "serve", "latency_s", "p99")
+    assert res["serve"]["requests"] == 6 and res["serve"]["failed"] == 0
+    assert "serving: 3 clients x 2 completions of 4 new tokens" in p.stdout and "0 failed" in p.stdout
 
 
 def test_bench_runs_just_the_cache_parts(tmp_path):
@@ -55,7 +60,7 @@ def test_bench_runs_just_the_cache_parts(tmp_path):
     run_script("bench.py", *TINY_BENCH, "parts=cached,cache_write", "top_k=0", "vocab_size=300",
                f"cache_dir={tmp_path}", f"out={out}")
     res = json.loads(out.read_text())
-    assert {"cached", "cache_write"} <= set(res) and not {"train", "distill", "generate", "memory"} & set(res)
+    assert {"cached", "cache_write"} <= set(res) and not {"train", "distill", "generate", "memory", "serve"} & set(res)
     positive(res, "cached", "ratio_cached_over_ce")
     positive(res, "cache_write", "ratio_write_over_forward")
     assert os.listdir(tmp_path) == ["bench.json"]  # the timed cache is removed

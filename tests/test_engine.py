@@ -114,6 +114,35 @@ def test_stop_tokens_cut_rows_and_streaming_sees_each_token_once():
     assert len(calls) == 1 and all(c.tokens == [] and c.finish_reason == "stop" for c in out)
 
 
+def test_on_token_gets_the_top_alternatives_when_asked_and_can_end_rows():
+    m = tiny({})
+    kw = dict(num_samples=2, temperature=1.0, logprobs=3)
+    full = engine.generate(m, PROMPTS, 8, generator=per_row(4, range(8)), **kw)
+    seen = {}
+
+    def on_token(row, tok, lp, top):
+        seen.setdefault(row, []).append((tok, lp, top))
+        return row % 2 == 1 and len(seen[row]) == 3  # odd rows end at their third token
+    out = engine.generate(m, PROMPTS, 8, generator=per_row(4, range(8)), on_token=on_token, stream_top=True, **kw)
+    for row, (a, b) in enumerate(zip(full, out)):
+        n = 3 if row % 2 else 8
+        assert (b.tokens, b.finish_reason) == (a.tokens[:n], "stop" if row % 2 else "length")
+        assert seen[row] == list(zip(b.tokens, b.logprobs, b.top_logprobs))
+        assert b.top_logprobs == a.top_logprobs[:n]
+
+    # without stream_top the callback is as it always was; only True (not any truthy value) ends a row
+    seen = []
+    out = engine.generate(m, PROMPTS, 8, generator=per_row(4, range(8)), logprobs=3, num_samples=2,
+                          on_token=lambda row, tok, lp: seen.append(row) or [row])
+    assert [c.tokens for c in out] == [c.tokens for c in full] and len(seen) == 64
+
+    calls = []
+    forward = m.hidden_states
+    m.hidden_states = lambda *a: calls.append(1) or forward(*a)
+    out = engine.generate(m, PROMPTS, 30, on_token=lambda *a: True)
+    assert len(calls) == 1 and all(len(c.tokens) == 1 and c.finish_reason == "stop" for c in out)
+
+
 def test_padded_vocab_never_drawn_and_narrow_filters_are_greedy():
     m = tiny({}, vocab_size=10)
     assert m.config.padded_vocab_size == 64
@@ -189,12 +218,16 @@ def test_prompt_logprobs_score_every_token_after_the_first(family):
     ids = [4, 8, 15, 16, 23, 42, 7, 1, 0, 9, 3]
     with torch.no_grad():
         lp = m(torch.tensor([ids]))[0][0, :-1, :V].log_softmax(-1)
-    chosen, top = engine.prompt_logprobs(m, ids, k=2, chunk=4)  # chunks of 4 rows: 10 positions
+    chosen, top = engine.prompt_logprobs(m, ids, k=2)
     torch.testing.assert_close(torch.tensor(chosen), lp[torch.arange(10), ids[1:]], atol=1e-5, rtol=0)
     assert [[i for i, _ in alts] for alts in top] == lp.topk(2).indices.tolist()
+    torch.testing.assert_close(torch.tensor([[v for _, v in alts] for alts in top]), lp.topk(2).values,
+                               atol=1e-5, rtol=0)
     assert engine.prompt_logprobs(m, ids[:1], k=0) == ([], None)
-    with pytest.raises(ValueError, match="block_size=16"):
-        engine.prompt_logprobs(m, list(range(17)))
+    # the last token is scored, never fed: a full context plus one
+    assert len(engine.prompt_logprobs(m, list(range(17)))[0]) == 16
+    with pytest.raises(ValueError, match="block_size \\+ 1 = 17"):
+        engine.prompt_logprobs(m, list(range(18)))
 
 
 def test_bad_arguments():

@@ -9,7 +9,8 @@ from conftest import ROOT, run_script
 
 SCRIPTS = ["train.py", "distill.py", "sample.py", "evaluate.py", "classify.py", "bench.py", "demo.py",
            "convert.py", "prepare/shakespeare.py", "prepare/text.py", "prepare/jsonl.py",
-           "prepare/openwebtext.py", "prepare/babylm.py", "prepare/wikitext.py", "prepare/tokenizer.py", "cache_teacher.py"]
+           "prepare/openwebtext.py", "prepare/babylm.py", "prepare/wikitext.py", "prepare/tokenizer.py", "cache_teacher.py",
+           "serve.py"]
 
 
 def module_of(script):
@@ -59,9 +60,9 @@ def test_help_shows_every_key_with_its_doc(script):
     assert p.stderr == ""
     docs = shown_docs(p.stdout, defaults)
     assert set(docs) == set(defaults), set(defaults) - set(docs)
-    # the doc is the comment beside the key in the script or the module its DEFAULTS come from
+    # the doc is the comment beside the key in the script or the modules its DEFAULTS come from
     sources = source_text(os.path.join(ROOT, script), *{os.path.join(ROOT, m + ".py")
-                                                        for m in ("trainer", "configurator")})
+                                                        for m in ("trainer", "configurator", "server", "api_client")})
     for key, doc in docs.items():
         assert doc, f"{script}: {key} has no doc"
         limit = f" [{describe(limits[key])}]" if key in limits else ""

@@ -15,20 +15,11 @@ import checkpoint
 import engine
 import sample
 from configurator import run
-from conftest import ROOT, run_script
+from conftest import CHARS, ROOT, run_script, save_model
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
-CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 DASHES = "-" * 40
-
-
-def save_model(folder, vocab_size, tokenizer, seed=0):
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=vocab_size))
-    checkpoint.save(dict(model=model.state_dict(), model_args=model.config.to_dict(), config={}, step=0,
-                         best_val_loss=float("inf"), tokenizer=tokenizer), str(folder), step=0, keep_last=1)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
