@@ -15,7 +15,7 @@ on_policy: that share of each micro-batch's rows is written by the student itsel
 (onpolicy.py; GKD, Agarwal et al. 2024). The cross-entropy of hybrid applies to the dataset's
 rows only: the student's text has no ground truth.
 
-    python distill.py config/distill_shakespeare_char.py teacher=out/shakespeare_char on_policy=0.5 kd_loss=reverse_kl
+    python distill.py config/distill_shakespeare_char.py teacher=out/t on_policy=0.5 kd_loss=reverse_kl
 """
 import torch
 
@@ -46,11 +46,11 @@ DEFAULTS = dict(
     student_init="",  # teacher_layers: copy embeddings, final norm, head and teacher_layers' blocks; empty: init_from
     teacher_cache="",  # a cache_teacher.py folder to distill from instead of running the teacher
     teacher_layers="",  # teacher blocks to copy, e.g. 0,2,4,7,9,11; empty: evenly spaced, ends kept
-    on_policy=0.0,  # share of each micro-batch's rows the student writes itself from prompts, scored by the teacher; 0: off
+    on_policy=0.0,  # share of each micro-batch's rows the student writes itself from prompts; 0: off
     prompt_len=32,  # on-policy prompts: the first prompt_len tokens of the drawn windows (unless prompts=)
     prompts="",  # on-policy prompts from a JSONL file ({"prompt": text} a line) instead of the windows
     sample_temperature=1.0,  # temperature the student samples its own text at; 0: greedy
-    final_own_kl=0,  # with the final eval: continue this many val prefixes (prompt_len) with the student, log its KL to the teacher there
+    final_own_kl=0,  # final eval: the student's KL to the teacher on what it writes from this many val prefixes
 )
 LIMITS = dict(
     TRAIN_LIMITS, distill_type=("output", "logit", "hybrid"), alpha="[0, 1]", temperature="(0, inf)",
@@ -108,7 +108,8 @@ def check(cfg):
                         f"runs none: use distill_type=logit or hybrid, or set {own[0]}=0")
     if cfg["prompts"] and not cfg["on_policy"]:
         raise UserError("prompts= are the prompts of on-policy rows: set on_policy above 0, or drop prompts=")
-    if ((cfg["on_policy"] and not cfg["prompts"]) or cfg["final_own_kl"]) and cfg["prompt_len"] >= cfg["block_size"]:
+    uses_prefixes = (cfg["on_policy"] and not cfg["prompts"]) or cfg["final_own_kl"]
+    if uses_prefixes and cfg["prompt_len"] >= cfg["block_size"]:
         raise UserError(f"prompt_len={cfg['prompt_len']} leaves nothing of block_size={cfg['block_size']} "
                         f"for the student to write: lower prompt_len")
     if cfg["final_own_kl"] and not cfg["final_eval"]:
@@ -134,7 +135,8 @@ def own_kl(cfg, teacher, data, rt):
                            cfg["block_size"], cfg["seed"], cfg["sample_temperature"], cfg["batch_size"],
                            rt.device, rt.autocast())
         print(f"on its own {r['tokens']} tokens from {cfg['final_own_kl']} val prefixes: KL(student||teacher) "
-              f"{r['reverse_kl']:.4f}, KL(teacher||student) {r['forward_kl']:.4f}, teacher NLL {r['teacher_nll']:.4f}")
+              f"{r['reverse_kl']:.4f}, KL(teacher||student) {r['forward_kl']:.4f}, "
+              f"teacher NLL {r['teacher_nll']:.4f}")
         return {f"final_own_{k}": v for k, v in r.items()}
     return metrics
 

@@ -131,8 +131,8 @@ def own_samples_kl(student, teacher, tokens, n_prompts, prompt_len, block_size, 
         with eval_mode(student), eval_mode(teacher), autocast or contextlib.nullcontext():
             s_logits, t_logits = student(x)[0], teacher(x)[0]
         n, mask = int((y >= 0).sum()), y >= 0
-        sums["reverse_kl"] += float(soft_loss(s_logits, t_logits, "reverse_kl", 1.0, mask=mask, vocab_size=V)) * n
-        sums["forward_kl"] += float(soft_loss(s_logits, t_logits, "forward_kl", 1.0, mask=mask, vocab_size=V)) * n
+        for kind in ("reverse_kl", "forward_kl"):
+            sums[kind] += float(soft_loss(s_logits, t_logits, kind, 1.0, mask=mask, vocab_size=V)) * n
         sums["teacher_nll"] += float(hard_loss(t_logits, y, V)) * n
         sums["student_nll"] += float(hard_loss(s_logits, y, V)) * n
         count += n

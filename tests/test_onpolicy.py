@@ -153,11 +153,13 @@ def test_loss_weighs_every_counted_token_alike(kind, T, alpha, k, chunk):
     y[:k, :3] = -1  # prompts
     y[:, -1] = -1
     y[k:, 4] = -1  # a masked target on the dataset's rows
-    loss, parts = on_policy_loss_fn(teacher, 13, alpha, kind, T, 0.4, chunk_rows=chunk)(student, x, y, torch.tensor(k))
+    loss_fn = on_policy_loss_fn(teacher, 13, alpha, kind, T, 0.4, chunk_rows=chunk)
+    loss, parts = loss_fn(student, x, y, torch.tensor(k))
     loss.backward()
     got = {n: p.grad.clone() for n, p in student.named_parameters()}
     student.zero_grad()
-    want, want_parts = reference_loss(student(x)[0][..., :13], teacher(x)[0][..., :13], y, k, alpha, kind, T, 0.4)
+    logits = student(x)[0][..., :13], teacher(x)[0][..., :13]
+    want, want_parts = reference_loss(*logits, y, k, alpha, kind, T, 0.4)
     want.backward()
     assert loss.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
     for n, p in student.named_parameters():
@@ -251,13 +253,15 @@ def test_own_samples_kl_is_exact_and_deterministic(char_data, monkeypatch):
     with torch.no_grad():
         ls = student(x)[0][..., :V].double().log_softmax(-1)
         lt = teacher(x)[0][..., :V].double().log_softmax(-1)
-    m = y >= 0
-    want = dict(reverse_kl=(ls.exp() * (ls - lt)).sum(-1)[m].mean(), forward_kl=(lt.exp() * (lt - ls)).sum(-1)[m].mean(),
-                teacher_nll=-lt.gather(-1, y.clamp(min=0)[..., None])[..., 0][m].mean(),
-                student_nll=-ls.gather(-1, y.clamp(min=0)[..., None])[..., 0][m].mean())
+    m, sampled = y >= 0, y.clamp(min=0)[..., None]
+    want = dict(reverse_kl=(ls.exp() * (ls - lt)).sum(-1)[m].mean(),
+                forward_kl=(lt.exp() * (lt - ls)).sum(-1)[m].mean(),
+                teacher_nll=-lt.gather(-1, sampled)[..., 0][m].mean(),
+                student_nll=-ls.gather(-1, sampled)[..., 0][m].mean())
     for key, value in want.items():
         assert got[key] == pytest.approx(float(value), rel=1e-5), key
-    assert (x[:, :6].numpy() == np.stack([val[s:s + 6] for s in np.linspace(0, len(val) - 6, 5).astype(int)])).all()
+    starts = np.linspace(0, len(val) - 6, 5).astype(int)
+    assert (x[:, :6].numpy() == np.stack([val[s:s + 6] for s in starts])).all()
     torch.manual_seed(123)  # the global RNG does not enter
     assert evaluation.own_samples_kl(student, teacher, val, 5, 6, 32, seed=1, batch_size=2) == got
     assert evaluation.own_samples_kl(student, teacher, val, 5, 6, 32, seed=2, batch_size=2) != got
@@ -269,6 +273,9 @@ def test_own_samples_kl_is_exact_and_deterministic(char_data, monkeypatch):
 # ---------------------------------------------------------------- bad input
 
 
+LONG = '{"prompt": "%s"}' % ("a" * 40)
+
+
 def bad_prompts(tmp, lines):
     path = tmp / "prompts.jsonl"
     path.write_text("".join(line + "\n" for line in lines))
@@ -278,8 +285,9 @@ def bad_prompts(tmp, lines):
 BAD = {
     "above_one": (lambda tmp: ["on_policy=1.5"], "on_policy=1.5: must be in [0, 1]"),
     "negative": (lambda tmp: ["on_policy=-0.25"], "on_policy=-0.25: must be in [0, 1]"),
-    "prompt_len_fills_the_context": (lambda tmp: ["prompt_len=32"], "prompt_len=32 leaves nothing of block_size=32"),
-    "prompt_longer_than_context": (lambda tmp: [bad_prompts(tmp, ['{"prompt": "Hi"}', json.dumps(dict(prompt="a" * 40))])],
+    "prompt_len_fills_the_context": (lambda tmp: ["prompt_len=32"],
+                                     "prompt_len=32 leaves nothing of block_size=32"),
+    "prompt_longer_than_context": (lambda tmp: [bad_prompts(tmp, ['{"prompt": "Hi"}', LONG])],
                                    "prompts.jsonl:2: the prompt is 40 tokens"),
     "prompt_as_long_as_context": (lambda tmp: [bad_prompts(tmp, [json.dumps(dict(prompt="a" * 32))])],
                                   "the prompt is 32 tokens"),
@@ -316,7 +324,7 @@ def test_bad_input_is_one_line(case, char_data, teacher, tmp_path, capsys):
 def test_bad_input_from_the_command_line(char_data, teacher, tmp_path):
     p = run_script("distill.py", *STUDENT, f"dataset={char_data}", f"teacher={teacher}",
                    f"out_dir={tmp_path / 'out'}", bad_prompts(tmp_path, []), check=False)
-    assert p.returncode == 2 and p.stderr.strip().splitlines() == [f"error: prompts={tmp_path}/prompts.jsonl "
-                                                                 f"holds no prompts: write one JSON object with "
-                                                                 f"a 'prompt' per line"]
+    want = (f"error: prompts={tmp_path}/prompts.jsonl holds no prompts: write one JSON object with a "
+            f"'prompt' per line")
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [want]
     assert not (tmp_path / "out").exists()
