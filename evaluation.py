@@ -6,6 +6,7 @@ classify.py and the loop's final eval). `evaluate_models` runs several models ov
 windows in one pass and adds what compares a student with its teacher: KL(teacher || student) per
 token, top-1 agreement, and each model's expected calibration error. `perplexity` is the one rule
 that turns a loss into PPL.
+`own_samples_kl` scores a student against its teacher on text the student writes itself.
 """
 import contextlib
 import math
@@ -18,11 +19,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import windows
+from engine import eval_mode
 from inputs import hf_dataset
-from losses import default_chunk_rows
+from losses import default_chunk_rows, hard_loss, soft_loss
+from onpolicy import continue_rows
 
 # the WikiText protocol of the GPT-2 evaluation reference: windows of 1024 tokens starting 512 apart
 WIKITEXT_CONTEXT, WIKITEXT_STRIDE = 1024, 512
+OWN_SAMPLES_STREAM = 4  # keeps own_samples_kl's sampling seeds apart from training's streams
 
 
 def perplexity(loss):
@@ -235,3 +239,38 @@ def wikitext_text(spec):
     # rows are the file's lines with their newlines, except its blank lines (" \n") which come back
     # empty: restoring them makes wikitext= and text=wiki.test.raw score the very same tokens
     return "".join(r or " \n" for r in rows)
+
+
+
+@torch.no_grad()
+def own_samples_kl(student, teacher, tokens, n_prompts, prompt_len, block_size, seed=0, temperature=1.0,
+                   batch_size=16, device="cpu", autocast=None):
+    """How far the student is from the teacher on text it writes itself (what on-policy
+    distillation trains on): n_prompts prefixes of prompt_len tokens, evenly spaced over `tokens`
+    (e.g. the val split), each continued by the student to block_size tokens (sampled at
+    `temperature`, prefix i from a generator seeded by (seed, i)); both models then score every
+    generated token's position. Returns per generated token, exact over the whole vocabulary:
+    reverse_kl = KL(student || teacher), forward_kl = KL(teacher || student), and the NLL of the
+    sampled tokens under each model (teacher_nll, student_nll), with the number of tokens.
+    Deterministic given the seed, whatever the global RNG."""
+    if not 0 < prompt_len < block_size:
+        raise ValueError(f"prompt_len={prompt_len} must be between 1 and block_size - 1 = {block_size - 1}")
+    starts = np.linspace(0, len(tokens) - prompt_len, n_prompts).astype(np.int64)
+    V = student.config.vocab_size
+    sums, count = dict(reverse_kl=0.0, forward_kl=0.0, teacher_nll=0.0, student_nll=0.0), 0
+    for first in range(0, n_prompts, batch_size):
+        rows = range(first, min(first + batch_size, n_prompts))
+        prompts = [tokens[starts[r]:starts[r] + prompt_len].astype(np.int64).tolist() for r in rows]
+        seeds = [int(np.random.SeedSequence([seed, r, OWN_SAMPLES_STREAM]).generate_state(1)[0]) for r in rows]
+        x, y = continue_rows(student, prompts, block_size,
+                             [torch.Generator(device).manual_seed(s) for s in seeds], temperature, autocast)
+        x, y = x.to(device), y.to(device)
+        with eval_mode(student), eval_mode(teacher), autocast or contextlib.nullcontext():
+            s_logits, t_logits = student(x)[0], teacher(x)[0]
+        n, mask = int((y >= 0).sum()), y >= 0
+        for kind in ("reverse_kl", "forward_kl"):
+            sums[kind] += float(soft_loss(s_logits, t_logits, kind, 1.0, mask=mask, vocab_size=V)) * n
+        sums["teacher_nll"] += float(hard_loss(t_logits, y, V)) * n
+        sums["student_nll"] += float(hard_loss(s_logits, y, V)) * n
+        count += n
+    return dict({k: v / max(count, 1) for k, v in sums.items()}, tokens=count)

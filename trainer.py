@@ -132,7 +132,9 @@ def forward_backward(model, loss_fn, batches, rt, scaler):
     loss_fn returns a mean over a micro-batch's counted targets; scaled by that micro-batch's share
     of the step's counted targets (times the world size, as DDP averages over ranks), the means add
     up to the mean over the whole step. Returns this rank's share of the step's loss and of each
-    part: their sums over ranks are the step's token-weighted means."""
+    part: their sums over ranks are the step's token-weighted means. A part may instead be a pair
+    (mean, n), a mean over n targets of its own (some rows' only, say): it comes back as (sum, n),
+    whose sums over ranks divide into its token-weighted mean."""
     counts = [int((batch[1] >= 0).sum()) for batch in batches]
     total = max(rt.all_sum(float(sum(counts))), 1.0)
     loss_sum, parts_sum = 0.0, {}
@@ -145,7 +147,11 @@ def forward_backward(model, loss_fn, batches, rt, scaler):
         scaler.scale(loss * (share * rt.world)).backward()
         loss_sum += loss.item() * share
         for k, v in parts.items():
-            parts_sum[k] = parts_sum.get(k, 0.0) + float(v) * share
+            if isinstance(v, tuple):
+                total_k, n = parts_sum.get(k, (0.0, 0))
+                parts_sum[k] = (total_k + float(v[0]) * v[1], n + v[1])
+            else:
+                parts_sum[k] = parts_sum.get(k, 0.0) + float(v) * share
     return loss_sum, parts_sum
 
 
@@ -310,31 +316,41 @@ def skipped(step, bad_steps, loss, norm, cfg, metrics):
 
 
 def step_record(state, loss, parts, lr, norm, speed, rt):
-    """A training step's metrics line; its parts, this rank's shares, summed over ranks."""
+    """A training step's metrics line; its parts, this rank's shares (or (sum, n) pairs), summed
+    over ranks."""
     record = dict(step=state.step, loss=loss, lr=lr, grad_norm=norm, **speed.rates(state.step),
                   time=state.elapsed())
     if parts:
-        sums = rt.all_sum(*parts.values())
-        record.update(zip(parts, sums if len(parts) > 1 else [sums]))
+        values = [x for v in parts.values() for x in (v if isinstance(v, tuple) else (v,))]
+        sums = iter(rt.all_sum(*values) if len(values) > 1 else [rt.all_sum(*values)])
+        for k, v in parts.items():
+            if isinstance(v, tuple):  # (sum, n): a mean over its own targets, none this step is null
+                total, n = next(sums), next(sums)
+                record[k] = total / n if n else math.nan
+            else:
+                record[k] = next(sums)
     return record
 
 
-def final_eval(model, data, cfg, rt, metrics, step):
+def final_eval(model, data, cfg, rt, metrics, step, final_metrics=None):
     val, n = split_loss(model, data, "val", cfg["block_size"], cfg["batch_size"], rt.device, rt.autocast())
     if rt.master:
-        metrics.log(dict(step=step, final_val_loss=val, final_val_ppl=perplexity(val),
-                         val_tokens=n))
         print(f"final val loss {val:.4f} (ppl {perplexity(val):.2f}) over all {n} val tokens")
+        more = final_metrics(model) if final_metrics else {}
+        metrics.log(dict(step=step, final_val_loss=val, final_val_ppl=perplexity(val),
+                         val_tokens=n, **more))
     return val
 
 
-def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None):
+def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None, final_metrics=None):
     """Train `model` on `data` with `loss_fn(model, x, y, *extra) -> (loss, {name: tensor})`, both
     means over the counted targets (y >= 0) of one micro-batch; extra is the rest of what
     data.batch returns for the train split (nothing for a BinDataset).
 
     resume: a loaded checkpoint to continue from exactly. extra_state: plain values stored in every
-    checkpoint (e.g. the tokenizer). Returns the final (exact) val loss or None.
+    checkpoint (e.g. the tokenizer). final_metrics: a function of the trained model returning a
+    dict of further metrics, run on rank 0 after the final eval and logged with it. Returns the
+    final (exact) val loss or None.
     """
     from tqdm import tqdm
 
@@ -383,7 +399,7 @@ def train(cfg, model, data, loss_fn, rt, resume=None, extra_state=None):
                   f"saved in {cfg['out_dir']}; continue with init_from=resume")
         return None
     state.evaluate(model, data, metrics)
-    return final_eval(raw, data, cfg, rt, metrics, state.step) if cfg["final_eval"] else None
+    return final_eval(raw, data, cfg, rt, metrics, state.step, final_metrics) if cfg["final_eval"] else None
 
 
 # ---------------------------------------------------------------- building the model to train
