@@ -35,6 +35,7 @@ threads each sending serve_requests seeded completions of serve_tokens new token
 other: requests/s, new tokens/s and the latency percentiles of a request. Clients and server share
 this process's interpreter, so the figures are a lower bound of a server on its own.
 """
+import importlib.util
 import json
 import os
 import platform
@@ -623,12 +624,9 @@ def main(cfg):
         torch.set_num_threads(cfg["threads"])
     rt = Runtime(cfg)
     hf_ok = cfg["hf"]
-    if hf_ok:
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
-            print("transformers is not installed: the side-by-side columns are left out")
-            hf_ok = False
+    if hf_ok and importlib.util.find_spec("transformers") is None:
+        print("transformers is not installed: the side-by-side columns are left out")
+        hf_ok = False
     sync = torch.cuda.synchronize if rt.device_type == "cuda" else (lambda: None)
     torch.manual_seed(cfg["seed"])
     t0 = time.perf_counter()

@@ -486,13 +486,17 @@ def kd_loss_fn(teacher, vocab_size, alpha, kind="forward_kl", temperature=2.0, j
         # soft loss counts exactly the targets the hard loss counts
         loss, hard, soft = kd_loss(logits, t_h, y, alpha, kind, temperature, jsd_beta, vocab_size,
                                    chunk_rows, head, label_smoothing, overwrite_logits=True)
-        parts = dict(hard=hard, soft=soft)
-        if alpha_cos > 0:
-            cos = cosine_loss(h, t_h, y >= 0)
-            loss = loss + alpha_cos * cos
-            parts["cos"] = cos.detach()
-        return loss, parts
+        return with_cosine(loss, dict(hard=hard, soft=soft), alpha_cos, h, t_h, y)
     return loss_fn
+
+
+def with_cosine(loss, parts, alpha_cos, h, t_h, y):
+    """loss + alpha_cos * cosine_loss over the targets y >= 0 (logged as parts["cos"]), or loss."""
+    if alpha_cos > 0:
+        cos = cosine_loss(h, t_h, y >= 0)
+        loss = loss + alpha_cos * cos
+        parts["cos"] = cos.detach()
+    return loss, parts
 
 
 def cached_kd_loss_fn(vocab_size, alpha, kind="forward_kl", temperature=2.0, jsd_beta=0.5,

@@ -27,7 +27,7 @@ import torch
 import engine
 from configurator import UserError
 from inputs import check_file, field, read_jsonl
-from losses import cosine_loss, default_chunk_rows, kd_loss
+from losses import default_chunk_rows, kd_loss, with_cosine
 from tokenizer import tokenizer_from_meta
 
 ON_POLICY_STREAM = 3  # keeps these seeds apart from the data's and dropout's (trainer.dropout_seed)
@@ -147,10 +147,5 @@ def on_policy_loss_fn(teacher, vocab_size, alpha, kind="reverse_kl", temperature
             theirs, hard, soft = kd_loss(logits[k:], t_h[k:], y[k:], alpha, *settings)
             loss = loss + n_data * theirs
             parts.update(hard=(hard, n_data), soft=(soft, n_data))
-        loss = loss / max(n_own + n_data, 1)
-        if alpha_cos > 0:
-            cos = cosine_loss(h, t_h, y >= 0)
-            loss = loss + alpha_cos * cos
-            parts["cos"] = cos.detach()
-        return loss, parts
+        return with_cosine(loss / max(n_own + n_data, 1), parts, alpha_cos, h, t_h, y)
     return loss_fn

@@ -3,6 +3,7 @@ scripts (serve.py among them)."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -53,6 +54,28 @@ def char_data(tmp_path_factory):
     with open(play) as f:
         text = f.read()
     return make_char_dataset(str(tmp_path_factory.mktemp("data") / "tiny_char"), text)
+
+
+@pytest.fixture(scope="module")
+def char_ckpt(tmp_path_factory):
+    """A tiny random char-level checkpoint over CHARS."""
+    folder = tmp_path_factory.mktemp("char")
+    save_model(folder, len(CHARS), dict(tokenizer="char", vocab_size=len(CHARS), chars=CHARS))
+    return str(folder)
+
+
+def kill_at_lines(args, path, lines, env=None):
+    """Run args (a script writing lines to path) and SIGKILL it once path holds `lines` lines."""
+    proc = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path) and open(path, "rb").read().count(b"\n") >= lines:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
 
 TINY = ["n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "batch_size=4", "eval_iters=2",

@@ -6,11 +6,8 @@ import http.client
 import itertools
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from random import Random
 from urllib.parse import urlsplit
@@ -23,7 +20,7 @@ import cache_teacher
 import checkpoint
 import sample
 from configurator import run
-from conftest import CHARS, ROOT, ServeProcess, make_char_dataset, run_script, save_model
+from conftest import CHARS, ROOT, ServeProcess, kill_at_lines, make_char_dataset, run_script, save_model
 from data import BinDataset
 from teacher_cache import TeacherCache
 
@@ -167,16 +164,7 @@ def test_killed_and_budgeted_runs_resume_into_the_same_file(server, reference, t
     killed = tmp_path / "killed.jsonl"
     args = [sys.executable, os.path.join(ROOT, "sample.py"), f"api_base={server.url}", "model=teacher",
             f"prompts={prompts}", f"out={killed}", "concurrency=2", *SAMPLING]
-    proc = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", **ENV),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if killed.exists() and killed.read_bytes().count(b"\n") >= 30:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_at_lines(args, killed, 30, env=ENV)
     assert 30 <= killed.read_bytes().count(b"\n") < 180
     assert sample_api(server.url, capsys, f"prompts={prompts}", f"out={killed}", "concurrency=3")[0] == 0
     assert killed.read_bytes() == expected

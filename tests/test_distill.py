@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, make_char_dataset, read_metrics, run_script, step_losses
-from checkpoint import load, load_model
+from conftest import ROOT, make_char_dataset, read_metrics, run_script, step_losses
+from checkpoint import load
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,7 @@ prompt alone, teacher JSONL with kept fields, text independent of batch_size, a 
 resumes into the very same file, and one-line errors for bad input."""
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,18 +12,11 @@ import checkpoint
 import engine
 import sample
 from configurator import run
-from conftest import CHARS, ROOT, run_script, save_model
+from conftest import ROOT, kill_at_lines, run_script
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
 DASHES = "-" * 40
-
-
-@pytest.fixture(scope="module")
-def char_ckpt(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("char")
-    save_model(folder, len(CHARS), dict(tokenizer="char", vocab_size=len(CHARS), chars=CHARS))
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -145,17 +135,7 @@ def test_killed_run_resumes_into_the_same_file(char_ckpt, tmp_path):
     expected = full.read_bytes()
     assert expected.count(b"\n") == 300
 
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), *args, f"out={resumed}"],
-                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if resumed.exists() and resumed.read_bytes().count(b"\n") >= 20:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_at_lines([sys.executable, os.path.join(ROOT, "sample.py"), *args, f"out={resumed}"], resumed, 20)
     partial = resumed.read_bytes()
     assert 20 <= partial.count(b"\n") < 300 and expected.startswith(partial[:partial.rfind(b"\n") + 1])
     run_script("sample.py", *args, f"out={resumed}")

@@ -15,7 +15,7 @@ import torch
 
 import checkpoint
 import engine
-from conftest import CHARS, ServeProcess, save_model
+from conftest import ServeProcess
 from runtime import Runtime
 from server import SETTINGS, InThread, build
 from tokenizer import tokenizer_from_meta
@@ -26,23 +26,16 @@ TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("served")
-    save_model(folder, len(CHARS), dict(tokenizer="char", vocab_size=len(CHARS), chars=CHARS))
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def model(ckpt):
-    m, info, _ = checkpoint.load_model(ckpt)
+def model(char_ckpt):
+    m, info, _ = checkpoint.load_model(char_ckpt)
     return m.eval(), tokenizer_from_meta(info)
 
 
 @pytest.fixture(scope="module")
-def server(ckpt, tmp_path_factory):
+def server(char_ckpt, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     (tmp / "chat.jinja").write_text(TEMPLATE)
-    proc = ServeProcess(tmp / "serve.log", f"source={ckpt}", "name=tiny", f"api_key_env={KEY_ENV}",
+    proc = ServeProcess(tmp / "serve.log", f"source={char_ckpt}", "name=tiny", f"api_key_env={KEY_ENV}",
                         f"chat_template={tmp / 'chat.jinja'}", "max_tokens=1000", env={KEY_ENV: KEY})
     yield proc
     proc.close()

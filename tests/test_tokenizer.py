@@ -1,5 +1,4 @@
 """The offline GPT-2 tokenizer is GPT-2's, and refuses a vocabulary that is not."""
-import os
 import shutil
 import subprocess
 import sys
