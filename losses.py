@@ -193,47 +193,49 @@ def _chunk(s, zt, w, kind, T, beta, hard, z, e, p, with_grad):
     return div, nll
 
 
-def _nll(log_p, y, eps):
-    """Per-row cross-entropy with label smoothing eps, as F.cross_entropy defines it."""
-    nll = -log_p.gather(1, y.clamp(min=0)[:, None])[:, 0]  # rows with target -1 carry weight 0
-    return (1 - eps) * nll - eps * log_p.mean(-1) if eps else nll
-
-
-def _support_rows(s, log_pt, ids, y, wi, kind, T, beta, V, with_grad, hard):
-    """_chunk's divergence and cross-entropy against a teacher known on a support of k token ids
-    per row plus the log of its mass outside them (a top-k cache): the divergence is taken over the k + 1 buckets (support,
-    rest). The student's buckets are its T=1 log-probabilities gathered on the support and the log
-    of its remaining mass a_rest; both sides are then tempered as (k + 1)-outcome distributions.
-    With G = dL/d(buckets) and P the student's T=1 probabilities, the chain rule through the
-    buckets gives dL/dz_i = G_j - P_i sum(G) on the support's j-th id i and
-    P_i (G_rest / P_rest - sum(G)) elsewhere (sum(G) is 0 up to rounding: kept, it is free)."""
+def _support_rows(s, log_pt, ids, wi, kind, T, beta, hard, z, e, with_grad):
+    """_chunk against a teacher known on a support of k token ids per row plus the log of its mass
+    outside them (a top-k cache): the divergence is taken over the k + 1 buckets (support, rest).
+    The student's buckets are its T=1 log-probabilities gathered on the support and the log of its
+    remaining mass P_rest; both sides are then tempered as (k + 1)-outcome distributions. With
+    G = dL/d(buckets) and P the student's T=1 probabilities, the chain rule through the buckets
+    gives dL/dz_i = G_j - P_i sum(G) on the support's j-th id i and P_i (G_rest / P_rest - sum(G))
+    elsewhere (sum(G) is 0 up to rounding: kept, it is free). As in _chunk, z = s - row max,
+    e = exp(z) and Z = sum(e) stand for P = e / Z and log P = z - log Z; e ends as dL/dlogits."""
     k = ids.size(1)
-    log_p1 = _log_probs(s, V, 1.0)
-    p = log_p1.exp()
-    p_top = p.gather(1, ids)
-    # the rest's mass summed from its own terms: 1 - sum(p_top) cancels when the support holds
+    torch.sub(s, s.amax(-1, keepdim=True).float(), out=z)
+    e = torch.exp(z, out=e)
+    e_top = e.gather(1, ids)
+    # the rest's mass summed from its own terms: 1 - sum(P_top) cancels when the support holds
     # nearly all of it; tiny (not 0) if every term underflows, so its log stays finite
-    rest = p.scatter_(1, ids, 0.0).sum(-1).clamp_(min=torch.finfo(torch.float32).tiny)
-    buckets = torch.cat([log_p1.gather(1, ids), rest.log()[:, None]], 1)
+    rest_sum = e.scatter_(1, ids, 0.0).sum(-1)
+    Z = rest_sum + e_top.sum(-1)
+    log_Z = Z.log()
+    rest = (rest_sum / Z).clamp_(min=torch.finfo(torch.float32).tiny)
+    buckets = torch.cat([z.gather(1, ids) - log_Z[:, None], rest.log()[:, None]], 1)
     log_ps = F.log_softmax(buckets if T == 1.0 else buckets / T, dim=-1)
     # _divergence leaves forward KL's gradient, p_s - p_t, to its caller (and overwrites log_pt)
     fwd_grad = log_ps.exp() - log_pt.exp() if with_grad and kind == "forward_kl" else None
     div, gb = _divergence(log_ps, log_pt, kind, beta, with_grad)
-    gb = fwd_grad if gb is None else gb
     alpha, eps = (0.0, 0.0) if hard is None else hard[1:]
-    nll = None if hard is None else _nll(log_p1, y, eps)
+    nll = None
+    if hard is not None:
+        y = hard[0].clamp(min=0)[:, None]  # rows with target -1 carry weight 0
+        nll = log_Z - z.gather(1, y)[:, 0]
+        if eps:
+            nll = (1 - eps) * nll - eps * (z.mean(-1) - log_Z)
     if not with_grad:
-        return div, nll, None
-    G = gb.mul_(T * (1 - alpha) * wi[:, None])
+        return div, nll
+    G = (fwd_grad if gb is None else gb).mul_(T * (1 - alpha) * wi[:, None])
     G_sum = G.sum(-1)
     c = alpha * wi  # the cross-entropy's alpha * w (P - (1 - eps) onehot(y) - eps / V), folded in
-    g = p.mul_((G[:, k] / rest - G_sum + c)[:, None])  # p is 0 on the support since the scatter
-    g.scatter_(1, ids, G[:, :k] + p_top * (c - G_sum)[:, None])
+    e.mul_(((G[:, k] / rest - G_sum + c) / Z)[:, None])  # e is 0 on the support since the scatter
+    e.scatter_(1, ids, G[:, :k] + (e_top / Z[:, None]) * (c - G_sum)[:, None])
     if alpha > 0:
         if eps:
-            g.sub_((eps / V) * c[:, None])
-        g.scatter_add_(1, y.clamp(min=0)[:, None], ((eps - 1) * c)[:, None])
-    return div, nll, g
+            e.sub_((eps / e.size(1)) * c[:, None])
+        e.scatter_add_(1, y, ((eps - 1) * c)[:, None])
+    return div, nll
 
 
 def _chunked(s, t, head, w, kind, T, beta, V, chunk_rows, with_grad, hard=None, ids=None,
@@ -254,7 +256,7 @@ def _chunked(s, t, head, w, kind, T, beta, V, chunk_rows, with_grad, hard=None, 
     # allocation that took as long as the pass filling it. A float32 gradient is written in place.
     in_place = with_grad and s.dtype == torch.float32
     z, p, e = (torch.empty((min(chunk_rows, n), V), device=s.device) if keep else None
-               for keep in (ids is None, ids is None, with_grad and not in_place))
+               for keep in (True, ids is None, with_grad and not in_place))
     total = torch.zeros((), dtype=torch.float32, device=s.device)
     hard_total = torch.zeros((), dtype=torch.float32, device=s.device)
     # tempering the k + 1 cached buckets is the same softmax as tempering logits
@@ -269,11 +271,8 @@ def _chunked(s, t, head, w, kind, T, beta, V, chunk_rows, with_grad, hard=None, 
         if ids is None:
             div, nll = _chunk(s[rows, :V], zt, wi, kind, T, beta, hard_i, z[:k], out, p[:k], with_grad)
         else:
-            div, nll, g = _support_rows(s[rows], F.log_softmax(zt, -1), ids[rows],
-                                        None if hard is None else hard_i[0], wi, kind, T, beta, V,
-                                        with_grad, hard_i)
-            if with_grad:
-                out.copy_(g)
+            div, nll = _support_rows(s[rows, :V], F.log_softmax(zt, -1), ids[rows], wi, kind, T, beta,
+                                     hard_i, z[:k], out, with_grad)
         if div is not None:
             total += (div * wi).sum()
         if nll is not None:
