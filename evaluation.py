@@ -152,7 +152,7 @@ def _score_chunk(models, hidden, y, i, V, autocast, reference, acc, device):
     for name, model in models.items():
         t = time.perf_counter()
         with autocast or contextlib.nullcontext():
-            logits = F.linear(hidden[name][i:i + len(y)], model.lm_head.weight[:V])
+            logits = F.linear(hidden[name][i:i + len(y)], model.head_weight[:V])
         log_p = F.log_softmax(logits.float(), dim=-1)
         top_log_p, top = log_p.max(-1)
         acc.nll[name] -= float(log_p.gather(1, y[:, None]).sum(dtype=torch.float64))
