@@ -275,12 +275,19 @@ def test_dropout_run_killed_resumes_bit_exact(char_data, reference, tmp_path, ad
     argv = [*DROPOUT, f"dataset={char_data}"]
     if adapters:
         argv += [f"init_from={reference[0]}", "lora_rank=4", "lora_dropout=0.2"]
+    killed_run_resumes_bit_exact("train.py", argv, tmp_path, 15, 200)
+
+
+def killed_run_resumes_bit_exact(name, argv, tmp_path, kill_at, steps):
+    """Run `name` straight; run it again, kill -9 it after its kill_at-th checkpoint and resume it:
+    equal step losses and weights. Returns the resumed run's out_dir."""
     straight, out = tmp_path / "straight", tmp_path / "run"
-    run_script("train.py", *argv, f"out_dir={straight}")
-    kill_after_checkpoint(script("train.py", *argv, f"out_dir={out}"), str(out), 15, str(tmp_path / "log"))
-    assert 10 <= check_checkpoints(out) < 200
-    run_script("train.py", *argv, f"out_dir={out}", "init_from=resume")
+    run_script(name, *argv, f"out_dir={straight}")
+    kill_after_checkpoint(script(name, *argv, f"out_dir={out}"), str(out), kill_at, str(tmp_path / "log"))
+    assert 10 <= check_checkpoints(out) < steps
+    run_script(name, *argv, f"out_dir={out}", "init_from=resume")
     assert_same_run(final_state(out), final_state(straight))
+    return out
 
 
 # ---------------------------------------------------------------- SIGTERM / SIGINT

@@ -20,7 +20,7 @@ from data import BinDataset
 from model import GPT, GPTConfig
 from onpolicy import OnPolicyData, continue_rows, on_policy_loss_fn, read_prompts
 from runtime import Runtime
-from test_faults import assert_same_run, check_checkpoints, final_state, kill_after_checkpoint, script
+from test_faults import assert_same_run, final_state, killed_run_resumes_bit_exact
 
 STUDENT = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=4", "eval_iters=2",
            "log_interval=1", "warmup_iters=3", "learning_rate=3e-3", "min_lr=3e-4", "final_eval=False",
@@ -196,12 +196,7 @@ def test_parts_over_their_own_tokens_are_exact_means_over_the_step():
 
 def test_on_policy_run_killed_resumes_bit_exact(char_data, teacher, tmp_path):
     argv = [*STUDENT, f"dataset={char_data}", f"teacher={teacher}", "max_iters=40", "eval_interval=5"]
-    straight, out = tmp_path / "straight", tmp_path / "run"
-    run_script("distill.py", *argv, f"out_dir={straight}")
-    kill_after_checkpoint(script("distill.py", *argv, f"out_dir={out}"), str(out), 12, str(tmp_path / "log"))
-    assert 10 <= check_checkpoints(out) < 40
-    run_script("distill.py", *argv, f"out_dir={out}", "init_from=resume")
-    assert_same_run(final_state(out), final_state(straight))
+    out = killed_run_resumes_bit_exact("distill.py", argv, tmp_path, 12, 40)
     records = [r for r in read_metrics(out) if "loss" in r]
     assert len(records) == 40 and all(r["soft_own"] > 0 and r["hard"] > 0 for r in records)
 
