@@ -145,7 +145,7 @@ def main(cfg):
     check(cfg)
     rt = Runtime(cfg)
     try:
-        data = BinDataset(cfg["dataset"])
+        data = BinDataset(cfg["dataset"], cfg["train_windows"])
         # read before any model loads: a mistake in the file should not wait for them
         prompts = read_prompts(cfg["prompts"], data.tokenizer, cfg["block_size"]) if cfg["prompts"] else None
         teacher = None

@@ -113,6 +113,14 @@ def test_tokenizer_mismatch(char_data, teacher, tmp_path):
     assert p.returncode == 2 and "not found" in p.stderr
 
 
+def test_train_windows_reach_a_live_teacher_run(char_data, teacher, tmp_path):
+    """train_windows bounds the rows of every distillation, not only a cached one's."""
+    p = run_script("distill.py", *STUDENT, f"dataset={char_data}", f"teacher={teacher}", "train_windows=100000",
+                   f"out_dir={tmp_path / 'x'}", "max_iters=1", check=False)
+    assert p.returncode == 2 and "train_windows=100000 exceeds the" in p.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_distilled_beats_ce_baseline(char_data, teacher, tmp_path):
     common = [*STUDENT, f"dataset={char_data}", "max_iters=120", "eval_interval=1000", "log_interval=20",
               "batch_size=16", "seed=7"]
