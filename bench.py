@@ -305,26 +305,21 @@ def bench_cache_write(cfg, rt, sync):
     g = torch.Generator().manual_seed(cfg["seed"])
     xs = [torch.randint(0, cfg["vocab_size"], (B, T), generator=g).to(rt.device) for _ in range(cfg["cache_blocks"])]
     meta = teacher_cache.layout(cfg["vocab_size"], T, cfg["top_k"], cfg["cache_dtype"], B, B * len(xs))
-    folder = tempfile.mkdtemp(prefix="bench_cache_", dir=cfg["cache_dir"] or None)
-
-    def write():
-        writer = teacher_cache.Writer(folder, meta)
-        for b, x in enumerate(xs):
-            writer.put(b, *cache_rows(cfg, teacher, x, rt))
-        writer.close()  # the last block fsynced: the figure counts the data on disk
 
     @torch.no_grad()
     def forward():
         for x in xs:
             with rt.autocast():
                 teacher(x)
-    try:
+    with tempfile.TemporaryDirectory(prefix="bench_cache_", dir=cfg["cache_dir"] or None) as folder:
         teacher_cache.create(folder, meta)
+
+        def write():
+            writer = teacher_cache.Writer(folder, meta)
+            for b, x in enumerate(xs):
+                writer.put(b, *cache_rows(cfg, teacher, x, rt))
+            writer.close()  # the last block fsynced: the figure counts the data on disk
         times = timed({"cache_write": write, "teacher_forward": forward}, cfg, sync)
-    finally:
-        for name in os.listdir(folder):
-            os.remove(os.path.join(folder, name))
-        os.rmdir(folder)
     tokens = B * T * len(xs)
     result = {name: dict(tokens_per_s=summary(t, tokens)) for name, t in times.items()}
     result["ratio_write_over_forward"] = result["cache_write"]["tokens_per_s"]["median"] / \

@@ -17,7 +17,7 @@ import torch
 import hf
 from configurator import UserError, first_line
 from model import build
-from tokenizer import TOKENIZER_FILE, check_model, get_tokenizer
+from tokenizer import TOKENIZER_FILE, check_model, get_tokenizer, tokenizer_from_meta
 
 LATEST, BEST = "ckpt.pt", "best.pt"
 ZIP_MAGIC, PICKLE_MAGIC = b"PK\x03\x04", b"\x80"  # torch.save's format; pickle protocol 2+
@@ -183,3 +183,14 @@ def load_model(source, device="cpu", dropout=None, dtype=None, pad_vocab_to=1):
     model = hf.load(source, dtype=dtype, dropout=dropout or 0.0, pad_vocab_to=pad_vocab_to)
     check_model(tokenizer, model.config.vocab_size, source)
     return model.to(device), tokenizer, None
+
+
+def load_for_generation(source, device, compile=False):
+    """(model, tokenizer) of load_model's source, in eval mode with no gradients, for the engine.
+    compile: hidden_states under torch.compile with dynamic shapes, because the engine calls it with
+    a cache that grows by one token at a time (a recompile per length otherwise)."""
+    model, tok_info, _ = load_model(source, device)
+    model.eval().requires_grad_(False)
+    if compile:
+        model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
+    return model, tokenizer_from_meta(tok_info)

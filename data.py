@@ -104,10 +104,14 @@ class BinDataset:
     def _window(self, split, starts, T):
         return _windows_at(self.tokens[split], self.masks.get(split), starts, T)
 
+    def drawn_windows(self, batch_size, seed, step, micro, world_size=1, rank=0):
+        """Indices among the first train_windows windows of a training micro-batch (see draw)."""
+        return draw(self.train_windows, "train", batch_size, seed, step, micro, world_size, rank)
+
     def batch(self, split, batch_size, block_size, seed, step, micro, world_size=1, rank=0):
         """Rows micro*world+rank of the global batch of optimizer step `step` (see draw)."""
         if split == "train" and self.train_windows:
-            starts = draw(self.train_windows, split, batch_size, seed, step, micro, world_size, rank)
+            starts = self.drawn_windows(batch_size, seed, step, micro, world_size, rank)
             return self._window(split, starts * block_size, block_size)
         starts = draw(len(self.tokens[split]) - block_size, split, batch_size, seed, step, micro,
                       world_size, rank)

@@ -56,7 +56,7 @@ def goal(text, measured, met):
     return dict(goal=text, measured=measured, met=met)
 
 
-def comparisons(cfg, results, demo, total_s):
+def comparisons(results, demo, total_s):
     """(notes for report.md, figures for report.json, goals)"""
     t, b, d = results["teacher"], results["baseline"], results["distilled"]
     gap = b["val_loss"] - t["val_loss"]
@@ -116,7 +116,7 @@ def ensemble_notes(results, notes):
 
 
 def report(cfg, results, demo, total_s):
-    notes, fig, goals = comparisons(cfg, results, demo, total_s)
+    notes, fig, goals = comparisons(results, demo, total_s)
     mark = {True: "met", False: "MISSED", None: "not judged"}
     goal_lines = ["| goal | measured | |", "| --- | ---: | --- |"]
     goal_lines += [f"| {g['goal']} | {g['measured']} | {mark[g['met']]} |" for g in goals]

@@ -40,15 +40,14 @@ def perplexity(loss):
 @torch.no_grad()
 def estimate_loss(model, data, cfg, rt, split):
     """Mean CE over eval_iters fixed batches (the same batches at every eval)."""
-    model.eval()
     losses = []
-    for i in range(cfg["eval_iters"]):
-        x, y = data.batch(split, cfg["batch_size"], cfg["block_size"], cfg["seed"] + 1, i, 0,
-                          rt.world, rt.rank)
-        with rt.autocast():
-            _, loss = model(x.to(rt.device), y.to(rt.device))
-        losses.append(loss.item())
-    model.train()
+    with eval_mode(model):
+        for i in range(cfg["eval_iters"]):
+            x, y = data.batch(split, cfg["batch_size"], cfg["block_size"], cfg["seed"] + 1, i, 0,
+                              rt.world, rt.rank)
+            with rt.autocast():
+                _, loss = model(x.to(rt.device), y.to(rt.device))
+            losses.append(loss.item())
     return rt.all_mean(float(np.mean(losses)))
 
 
@@ -257,6 +256,7 @@ def own_samples_kl(student, teacher, tokens, n_prompts, prompt_len, block_size, 
         raise ValueError(f"prompt_len={prompt_len} must be between 1 and block_size - 1 = {block_size - 1}")
     starts = np.linspace(0, len(tokens) - prompt_len, n_prompts).astype(np.int64)
     V = student.config.vocab_size
+    chunk = default_chunk_rows(V)
     sums, count = dict(reverse_kl=0.0, forward_kl=0.0, teacher_nll=0.0, student_nll=0.0), 0
     for first in range(0, n_prompts, batch_size):
         rows = range(first, min(first + batch_size, n_prompts))
@@ -268,9 +268,11 @@ def own_samples_kl(student, teacher, tokens, n_prompts, prompt_len, block_size, 
         with eval_mode(student), eval_mode(teacher), autocast or contextlib.nullcontext():
             s_logits, t_logits = student(x)[0], teacher(x)[0]
         n, mask = int((y >= 0).sum()), y >= 0
+        # chunked: no full-vocabulary temporaries beside the two models' logits
         for kind in ("reverse_kl", "forward_kl"):
-            sums[kind] += float(soft_loss(s_logits, t_logits, kind, 1.0, mask=mask, vocab_size=V)) * n
-        sums["teacher_nll"] += float(hard_loss(t_logits, y, V)) * n
-        sums["student_nll"] += float(hard_loss(s_logits, y, V)) * n
+            sums[kind] += float(soft_loss(s_logits, t_logits, kind, 1.0, mask=mask, vocab_size=V,
+                                          chunk_rows=chunk)) * n
+        sums["teacher_nll"] += float(hard_loss(t_logits, y, V, chunk_rows=chunk)) * n
+        sums["student_nll"] += float(hard_loss(s_logits, y, V, chunk_rows=chunk)) * n
         count += n
     return dict({k: v / max(count, 1) for k, v in sums.items()}, tokens=count)

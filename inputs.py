@@ -42,7 +42,7 @@ def named_sources(spec, key):
     folder. Names must differ: they label the rows of one table."""
     models = []
     for item in comma_list(spec, key):
-        name, _, source = item.rpartition("=") if "=" in item else ("", "", item)
+        name, _, source = item.rpartition("=")
         models.append((name or os.path.basename(source.rstrip("/")) or source, source))
     if not models:
         raise UserError(f"{key}= is required: comma-separated checkpoints, HF folders or GPT-2 names")

@@ -32,17 +32,14 @@ class LoRALinear(nn.Module):
         return self.base
 
 
-def parse_targets(spec, targets):
-    return comma_list(spec, "lora_targets", choices=targets)
-
-
 def apply(model, rank, alpha, dropout=0.0, targets="attn,attn_proj,mlp,mlp_proj"):
     """Freeze every base weight and wrap the target linears of every block; returns the model."""
     if rank <= 0:
         raise UserError(f"lora_rank={rank} must be positive")
     model.requires_grad_(False)
+    names = comma_list(targets, "lora_targets", choices=model.lora_targets)
     for block in model.blocks:
-        for t in parse_targets(targets, model.lora_targets):
+        for t in names:
             parent_name, child = model.lora_targets[t].split(".")
             parent = getattr(block, parent_name)
             setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))

@@ -112,12 +112,13 @@ def teacher_logit_chunks(t, head, V, T, chunk_rows):
 
 
 def _divergence(log_ps, log_pt, kind, beta, with_grad=False):
-    """Per-row divergence (n,) of float32 log-probabilities, and dL/dz (n, V) when with_grad (of
-    reverse_kl and jsd: _chunk forms forward_kl's itself). Overwrites log_pt, which the callers
-    build for this call alone (the teacher's: no grad)."""
-    if kind == "forward_kl":  # unchunked only (autograd differentiates it): _chunk has its own
+    """Per-row divergence (n,) of float32 log-probabilities, and dL/dz (n, V) when with_grad
+    (_chunk forms forward_kl's over the full vocabulary without log-probabilities). Overwrites
+    log_pt, which the callers build for this call alone (the teacher's: no grad)."""
+    if kind == "forward_kl":
         diff = log_pt - log_ps
-        return (log_pt.exp_() * diff).sum(-1), None
+        pt = log_pt.exp_()
+        return (pt * diff).sum(-1), (log_ps.exp() - pt if with_grad else None)
     ps = log_ps.exp()
     if kind == "reverse_kl":
         g = log_ps - log_pt  # dKL/dp_s up to the +1, which the softmax Jacobian cancels
@@ -214,8 +215,6 @@ def _support_rows(s, log_pt, ids, wi, kind, T, beta, hard, z, e, with_grad):
     rest = (rest_sum / Z).clamp_(min=torch.finfo(torch.float32).tiny)
     buckets = torch.cat([z.gather(1, ids) - log_Z[:, None], rest.log()[:, None]], 1)
     log_ps = F.log_softmax(buckets if T == 1.0 else buckets / T, dim=-1)
-    # _divergence leaves forward KL's gradient, p_s - p_t, to its caller (and overwrites log_pt)
-    fwd_grad = log_ps.exp() - log_pt.exp() if with_grad and kind == "forward_kl" else None
     div, gb = _divergence(log_ps, log_pt, kind, beta, with_grad)
     alpha, eps = (0.0, 0.0) if hard is None else hard[1:]
     nll = None
@@ -226,7 +225,7 @@ def _support_rows(s, log_pt, ids, wi, kind, T, beta, hard, z, e, with_grad):
             nll = (1 - eps) * nll - eps * (z.mean(-1) - log_Z)
     if not with_grad:
         return div, nll
-    G = (fwd_grad if gb is None else gb).mul_(T * (1 - alpha) * wi[:, None])
+    G = gb.mul_(T * (1 - alpha) * wi[:, None])
     G_sum = G.sum(-1)
     c = alpha * wi  # the cross-entropy's alpha * w (P - (1 - eps) onehot(y) - eps / V), folded in
     e.mul_(((G[:, k] / rest - G_sum + c) / Z)[:, None])  # e is 0 on the support since the scatter
@@ -256,7 +255,7 @@ def _chunked(s, t, head, w, kind, T, beta, V, chunk_rows, with_grad, hard=None, 
     # allocation that took as long as the pass filling it. A float32 gradient is written in place.
     in_place = with_grad and s.dtype == torch.float32
     z, p, e = (torch.empty((min(chunk_rows, n), V), device=s.device) if keep else None
-               for keep in (True, ids is None, with_grad and not in_place))
+               for keep in (True, ids is None, not in_place))
     total = torch.zeros((), dtype=torch.float32, device=s.device)
     hard_total = torch.zeros((), dtype=torch.float32, device=s.device)
     # tempering the k + 1 cached buckets is the same softmax as tempering logits

@@ -27,7 +27,7 @@ import torch
 import engine
 from configurator import UserError
 from inputs import check_file, field, read_jsonl
-from losses import default_chunk_rows, kd_loss, with_cosine
+from losses import default_chunk_rows, kd_loss, soft_loss, with_cosine
 from tokenizer import tokenizer_from_meta
 
 ON_POLICY_STREAM = 3  # keeps these seeds apart from the data's and dropout's (trainer.dropout_seed)
@@ -141,8 +141,10 @@ def on_policy_loss_fn(teacher, vocab_size, alpha, kind="reverse_kl", temperature
         with torch.no_grad():
             t_h = teacher_hidden(x)
         n_own, n_data = int((y[:k] >= 0).sum()), int((y[k:] >= 0).sum())
-        mine, _, soft_own = kd_loss(logits[:k], t_h[:k], y[:k], 0.0, *settings)
-        loss, parts = (1 - alpha) * n_own * mine, dict(soft_own=(soft_own, n_own))
+        # the divergence alone: the student's text has no ground truth to take a cross-entropy on
+        mine = soft_loss(logits[:k], t_h[:k], kind, temperature, jsd_beta, y[:k] >= 0, vocab_size,
+                         chunk_rows, teacher.head_weight)
+        loss, parts = (1 - alpha) * n_own * mine, dict(soft_own=(mine.detach(), n_own))
         if k < x.size(0):
             theirs, hard, soft = kd_loss(logits[k:], t_h[k:], y[k:], alpha, *settings)
             loss = loss + n_data * theirs

@@ -286,7 +286,6 @@ def parse_chat(body, served):
                             f"it with chat_template=FILE", "messages", "no_chat_template")
     messages = _messages(body)
     fields = _sampling(body, served, served.max_tokens, 1)
-    _check_rows(1, fields["n"], served)
     logprobs = None
     if _boolean(body, "logprobs", False):
         logprobs = _integer(body, "top_logprobs", 0, 0, _most_logprobs(served))

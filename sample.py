@@ -38,7 +38,7 @@ from api_client import API_DEFAULTS, API_LIMITS, Endpoint
 from configurator import OUT_FILE, UserError, run
 from inputs import check_file, field, read_jsonl, read_text_file
 from runtime import DTYPE_CHOICES, Runtime
-from tokenizer import prompt_ids, tokenizer_from_meta
+from tokenizer import prompt_ids
 
 DEFAULTS = dict(
     source="out/run",  # our out_dir or .pt, a HF GPT-2 folder, or a GPT-2 name
@@ -265,13 +265,7 @@ def main(cfg):
             print_samples(asker(endpoint, [(start, {})], cfg)((0, 0)), start)
         return
     rt = Runtime(cfg)
-    model, tok_info, _ = checkpoint.load_model(cfg["source"], rt.device)
-    model.eval()
-    if cfg["compile"]:
-        # the engine calls hidden_states once per new token with a growing cache: dynamic shapes
-        # spare a recompile per length
-        model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
-    tok = tokenizer_from_meta(tok_info)
+    model, tok = checkpoint.load_for_generation(cfg["source"], rt.device, cfg["compile"])
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, context {model.config.block_size}, "
           f"{tok.name} tokenizer; {rt.device} {rt.dtype}", file=sys.stderr)
     if cfg["prompts"]:

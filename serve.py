@@ -14,14 +14,11 @@ With seed= a request's text depends on its seed and settings only, not on what i
 import os
 import sys
 
-import torch
-
 import chat
 import checkpoint
 from configurator import UserError, run
 from runtime import DTYPE_CHOICES, Runtime
 from server import SETTINGS, SETTINGS_LIMITS, build, listen, url_of, uvicorn_server
-from tokenizer import tokenizer_from_meta
 
 DEFAULTS = dict(
     source="out/run",  # our out_dir or .pt, a HF folder (GPT-2, Llama, Qwen2), or a GPT-2 name
@@ -54,12 +51,7 @@ def main(cfg):
     source = cfg["source"]
     template = chat.load(source, cfg["chat_template"])  # a broken template should not wait for the weights
     rt = Runtime(cfg)
-    model, tok_info, _ = checkpoint.load_model(source, rt.device)
-    model.eval().requires_grad_(False)
-    if cfg["compile"]:
-        # dynamic shapes: the engine calls hidden_states with a cache that grows by one each token
-        model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
-    tok = tokenizer_from_meta(tok_info)
+    model, tok = checkpoint.load_for_generation(source, rt.device, cfg["compile"])
     name = cfg["name"] or os.path.basename(os.path.normpath(source))
     app = build(model, tok, rt, name, cfg, template, chat.end_of_turn_ids(source, tok), key)
     sock = listen(cfg["host"], cfg["port"])

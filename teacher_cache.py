@@ -27,7 +27,7 @@ import torch
 
 import checkpoint
 from configurator import UserError
-from data import BinDataset, draw
+from data import BinDataset
 from inputs import comma_list
 from tokenizer import check_same
 
@@ -374,6 +374,6 @@ class CachedDataset(BinDataset):
     def batch(self, split, batch_size, block_size, seed, step, micro, world_size=1, rank=0):
         if split != "train":
             return super().batch(split, batch_size, block_size, seed, step, micro, world_size, rank)
-        windows = draw(self.train_windows, split, batch_size, seed, step, micro, world_size, rank)
+        windows = self.drawn_windows(batch_size, seed, step, micro, world_size, rank)
         x, y = self._window(split, windows * self.cache.T, self.cache.T)
         return (x, y, *self.cache.rows(windows))

@@ -8,6 +8,7 @@ import ast
 import glob
 import math
 import os
+import re
 import tempfile
 
 import pytest
@@ -44,7 +45,7 @@ def test_overrides_types_and_equals_signs():
     ("steps", "steps needs a value: steps=VALUE"), ("flag", "flag needs a value: flag=True"),
     ("steps=1e4", "is a float, expected an int like the default 10; write 10000")])
 def test_rejected(arg, message):
-    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(UserError, match=re.escape(message)):
         load_config(DEFAULTS, [arg])
 
 

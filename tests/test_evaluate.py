@@ -185,14 +185,10 @@ def test_wikitext_from_a_local_copy_scores_the_raw_file(tmp_path):
     DatasetDict(test=Dataset.from_dict({"text": rows})).save_to_disk(str(tmp_path / "wt"))
     assert wikitext_text(str(tmp_path / "wt")) == raw
     chars = "".join(sorted(set(raw)))
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=len(chars)))
-    from checkpoint import save
-    save(dict(model=model.state_dict(), model_args=model.config.to_dict(), config={}, step=0,
-              tokenizer=dict(tokenizer="char", vocab_size=len(chars), chars=chars)), str(tmp_path / "ck"), 0, 1)
+    model = save_char_model(tmp_path / "ck", chars, 16, 1, 0)
     run_script("evaluate.py", f"models={tmp_path / 'ck'}", f"wikitext={tmp_path / 'wt'}", f"out={tmp_path / 'e.json'}")
     r = json.loads((tmp_path / "e.json").read_text())["results"]["ck"]
-    direct = evaluate_model(model.eval(), np.array([chars.index(c) for c in raw]), 16, 16, 8, "cpu")
+    direct = evaluate_model(model, np.array([chars.index(c) for c in raw]), 16, 16, 8, "cpu")
     assert r["tokens"] == len(raw) - 1 and abs(r["loss"] - direct["loss"]) < 1e-5
 
 

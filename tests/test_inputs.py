@@ -4,7 +4,6 @@ import os
 
 import pytest
 
-import lora
 from configurator import UserError
 from inputs import comma_list, expand_files, named_sources, read_text_file, timestamped
 from model import GPT
@@ -15,10 +14,10 @@ def test_comma_lists():
     assert comma_list("0, 2,11", "teacher_layers", convert=int) == [0, 2, 11]
     with pytest.raises(UserError, match=r"teacher_layers='0,x': 'x' is not a valid int"):
         comma_list("0,x", "teacher_layers", convert=int)
-    assert lora.parse_targets("attn, mlp", GPT.lora_targets) == ["attn", "mlp"]
+    assert comma_list("attn, mlp", "lora_targets", choices=GPT.lora_targets) == ["attn", "mlp"]
     for bad in ("attn,nope", " , "):
         with pytest.raises(UserError, match="lora_targets=.*: choose from attn, attn_proj, mlp, mlp_proj"):
-            lora.parse_targets(bad, GPT.lora_targets)
+            comma_list(bad, "lora_targets", choices=GPT.lora_targets)
 
 
 def test_named_sources():
